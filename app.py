@@ -1,0 +1,550 @@
+"""HTTP layer of the skin analysis service: app factory, routes, auth, errors and logging."""
+
+import hmac
+import json
+import logging
+import os
+import re
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+from dotenv import load_dotenv
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, url_for
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.http import HTTP_STATUS_CODES, parse_options_header
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+import analysis
+import storage
+
+DEFAULTS = {
+    "UPLOAD_DIR": "uploads",
+    "MAX_UPLOAD_BYTES": "5242880",
+    "LOG_LEVEL": "INFO",
+    "LOG_FORMAT": "text",
+    "CORS_ORIGINS": "",
+    "TRUSTED_PROXY_COUNT": "0",
+}
+# Room for the multipart envelope (boundaries, part headers, small extra fields) around the file.
+ENVELOPE_BYTES = 64 * 1024
+MAX_PARTS = 1000
+ANALYZE_BODY_BYTES = 16 * 1024
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:+/=-]{1,128}")
+CORS_ALLOW_HEADERS = "Content-Type, X-API-Key, X-Request-ID"
+CORS_EXPOSE_HEADERS = "Location, X-Request-ID"
+
+log = logging.getLogger(__name__)
+api = Blueprint("api", __name__)
+
+
+class ConfigError(ValueError):
+    """A setting that would stop the service from working as configured."""
+
+
+class ApiError(HTTPException):
+    """An HTTP error with a stable machine-readable ``code``."""
+
+    def __init__(self, status, code, detail, headers=None):
+        super().__init__(description=detail)
+        self.code = status
+        self.error_code = code
+        self.extra_headers = headers or {}
+
+
+# Domain failures, mapped to HTTP in this one place.
+STORAGE_ERRORS = {
+    storage.UnsupportedType: (400, "unsupported_type"),
+    storage.InvalidImage: (400, "invalid_image"),
+    storage.ImageTooLarge: (400, "image_too_large"),
+    storage.ImageNotFound: (404, "image_not_found"),
+    storage.StorageFull: (507, "storage_unavailable"),
+    storage.StorageUnavailable: (503, "storage_unavailable"),
+}
+
+
+def create_app(env=None):
+    """Build the app; ``env`` replaces the process environment and ``.env`` (tests pass it)."""
+    if env is None:
+        load_dotenv()  # the real environment wins over .env
+        env = os.environ
+    settings = {**DEFAULTS, **{key: value for key, value in env.items() if key in DEFAULTS or key == "API_KEY"}}
+    try:
+        config = _parse_config(settings)
+    except ConfigError as error:
+        raise SystemExit(f"Configuration error: {error}") from None
+    _configure_logging(config["LOG_LEVEL"], config["LOG_FORMAT"])
+
+    app = Flask(__name__)
+    app.config.update(config)
+    app.config["API_KEYS"] = tuple(key.encode() for key in config["API_KEYS"])
+    app.config["MAX_CONTENT_LENGTH"] = config["MAX_UPLOAD_BYTES"] + ENVELOPE_BYTES
+    app.json.sort_keys = False  # keep documented field order
+
+    folder = storage.Storage(config["UPLOAD_DIR"])
+    removed = folder.remove_temp_files()
+    if removed:
+        _event(logging.WARNING, "removed unfinished uploads", count=removed)
+    if not config["API_KEYS"]:
+        key, path = folder.api_key()
+        app.config["API_KEYS"] = (key.encode(),)
+        log.warning("API_KEY is not set: using the generated key kept in %s (show it with: cat %s)", path, path)
+    app.extensions["storage"] = folder
+
+    app.register_blueprint(api)
+    app.register_blueprint(api, url_prefix="/api/v1", name="v1")
+    app.before_request(_start_request)
+    app.before_request(_answer_preflight)
+    app.before_request(_require_api_key)
+    app.after_request(_finish_request)
+    app.register_error_handler(HTTPException, _problem_response)
+    app.register_error_handler(storage.StorageError, _storage_error)
+    app.register_error_handler(Exception, _unexpected_error)
+
+    if config["TRUSTED_PROXY_COUNT"]:
+        count = config["TRUSTED_PROXY_COUNT"]
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=count, x_proto=count, x_host=count)
+    _event(
+        logging.INFO,
+        "service ready",
+        upload_dir=folder.folder,
+        max_upload_bytes=config["MAX_UPLOAD_BYTES"],
+        api_keys=len(app.config["API_KEYS"]),
+    )
+    return app
+
+
+def _parse_config(settings):
+    """Validate the settings; raise ConfigError naming the first bad one."""
+    config = {"API_KEYS": tuple(k.strip() for k in settings.get("API_KEY", "").split(",") if k.strip())}
+    for name, minimum in (("MAX_UPLOAD_BYTES", 1), ("TRUSTED_PROXY_COUNT", 0)):
+        value = settings[name].strip()
+        if not value.isdecimal() or int(value) < minimum:
+            raise ConfigError(f"{name} must be a whole number of at least {minimum}, got {value!r}.")
+        config[name] = int(value)
+    level = settings["LOG_LEVEL"].strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {level!r}.")
+    config["LOG_LEVEL"] = level
+    log_format = settings["LOG_FORMAT"].strip().lower()
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"LOG_FORMAT must be text or json, got {log_format!r}.")
+    config["LOG_FORMAT"] = log_format
+    config["CORS_ORIGINS"] = frozenset(o.strip() for o in settings["CORS_ORIGINS"].split(",") if o.strip())
+
+    folder = Path(settings["UPLOAD_DIR"]).expanduser().absolute()
+    if not folder.parent.is_dir():
+        raise ConfigError(f"UPLOAD_DIR {settings['UPLOAD_DIR']!r} is in a folder that does not exist.")
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"UPLOAD_DIR {settings['UPLOAD_DIR']!r} cannot be created: {error.strerror}.")
+    if not folder.is_dir():
+        raise ConfigError(f"UPLOAD_DIR {settings['UPLOAD_DIR']!r} is not a folder.")
+    config["UPLOAD_DIR"] = folder
+    return config
+
+
+class _Formatter(logging.Formatter):
+    """One line per event: ``time level message key=value ...`` or a JSON object."""
+
+    def __init__(self, as_json):
+        super().__init__()
+        self.as_json = as_json
+
+    def format(self, record):
+        fields = getattr(record, "fields", {})
+        when = datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")
+        if self.as_json:
+            line = {"time": when, "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+            line.update(fields)
+            if record.exc_info:
+                line["traceback"] = self.formatException(record.exc_info)
+            return json.dumps(line, default=str)
+        pairs = "".join(f" {key}={_logfmt(value)}" for key, value in fields.items())
+        text = f"{when} {record.levelname} {record.getMessage()}{pairs}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+def _logfmt(value):
+    text = str(value)
+    return json.dumps(text) if not text or any(c in text for c in ' "=\\') else text
+
+
+def _configure_logging(level, log_format):
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(_Formatter(log_format == "json"))
+    log.handlers = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+def _event(level, message, **fields):
+    log.log(level, message, extra={"fields": fields})
+
+
+# --- request lifecycle -------------------------------------------------------
+
+
+def public(view):
+    """Mark a view as reachable without an API key."""
+    view.public = True
+    return view
+
+
+def _start_request():
+    g.started = time.perf_counter()
+    sent = request.headers.get("X-Request-ID", "")
+    g.request_id = sent if REQUEST_ID.fullmatch(sent) else uuid.uuid4().hex
+
+
+def _answer_preflight():
+    """Answer CORS preflight requests, which browsers send without the API key."""
+    if request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers:
+        return None
+    response = Response(status=204)
+    if _allowed_origin():
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
+        response.headers["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
+        response.headers["Access-Control-Max-Age"] = "600"
+    return response
+
+
+def _require_api_key():
+    view = current_app.view_functions.get(request.endpoint)
+    if request.method == "OPTIONS" or getattr(view, "public", False):
+        return
+    # WSGI hands headers over as latin-1 text, so this recovers the bytes the client sent.
+    presented = request.headers.get("X-API-Key", "").encode("latin-1")
+    # Compare against every key, so the time taken does not tell which one nearly matched.
+    if not any([hmac.compare_digest(presented, key) for key in current_app.config["API_KEYS"]]):
+        raise ApiError(
+            401,
+            "unauthorized",
+            "A valid API key is required in the X-API-Key header.",
+            {"WWW-Authenticate": 'ApiKey header="X-API-Key"'},
+        )
+
+
+def _allowed_origin():
+    origins = current_app.config["CORS_ORIGINS"]
+    origin = request.headers.get("Origin")
+    if not origins or not origin:
+        return None
+    if "*" in origins:
+        return "*"
+    return origin if origin in origins else None
+
+
+def _finish_request(response):
+    response.headers["X-Request-ID"] = g.request_id
+    origin = _allowed_origin()
+    if origin:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE_HEADERS
+        if origin != "*":
+            response.vary.add("Origin")
+    _event(
+        logging.INFO,
+        "request",
+        method=request.method,
+        path=request.path,
+        status=response.status_code,
+        duration_ms=round((time.perf_counter() - g.started) * 1000, 2),
+        request_id=g.request_id,
+        client=request.remote_addr,
+    )
+    return response
+
+
+# --- errors ------------------------------------------------------------------
+
+
+def _problem_response(error):
+    """Render any HTTP error as RFC 9457 problem details."""
+    if error.code is None:  # not an error, e.g. a proxied response
+        return error
+    status = error.code
+    code = getattr(error, "error_code", None) or re.sub(r"\W+", "_", error.name.lower()).strip("_")
+    if status < 500:
+        _event(logging.WARNING, "request rejected", status=status, code=code, request_id=g.get("request_id"))
+    body = {
+        "type": "about:blank",
+        "title": HTTP_STATUS_CODES.get(status, "Error"),
+        "status": status,
+        "detail": error.description,
+        "code": code,
+    }
+    response = jsonify(body)
+    response.status_code = status
+    response.mimetype = "application/problem+json"
+    for name, value in error.get_headers():
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    response.headers.update(getattr(error, "extra_headers", {}))
+    return response
+
+
+def _storage_error(error):
+    status, code = next(v for cls, v in STORAGE_ERRORS.items() if isinstance(error, cls))
+    if status >= 500:
+        log.error("storage failure", exc_info=error, extra={"fields": {"request_id": g.get("request_id")}})
+    return _problem_response(ApiError(status, code, str(error)))
+
+
+def _unexpected_error(error):
+    log.error("unhandled error", exc_info=error, extra={"fields": {"request_id": g.get("request_id")}})
+    detail = "The server hit an unexpected error. Quote the X-Request-ID header when reporting it."
+    return _problem_response(ApiError(500, "internal_error", detail))
+
+
+# --- routes ------------------------------------------------------------------
+
+
+@api.get("/health")
+@public
+def health():
+    _storage().check(min_free_bytes=current_app.config["MAX_UPLOAD_BYTES"])
+    return {"status": "healthy"}
+
+
+@api.post("/upload")
+def upload():
+    data = _read_file_part()
+    if not data:
+        raise ApiError(400, "empty_file", "The uploaded file is empty.")
+    stored = _storage().save_image(data)
+    _event(
+        logging.INFO,
+        "image stored",
+        image_id=stored.image_id,
+        bytes=stored.size_bytes,
+        type=stored.content_type,
+        width=stored.width,
+        height=stored.height,
+    )
+    body = {
+        "image_id": stored.image_id,
+        "content_type": stored.content_type,
+        "size_bytes": stored.size_bytes,
+        "size": human_size(stored.size_bytes),
+        "width": stored.width,
+        "height": stored.height,
+    }
+    return body, 201, {"Location": url_for(".image", image_id=stored.image_id)}
+
+
+@api.get("/images/<image_id>")
+def image(image_id):
+    _check_image_id(image_id)
+    stored = _storage().image(image_id)
+    return {
+        "image_id": stored.image_id,
+        "content_type": stored.content_type,
+        "size_bytes": stored.size_bytes,
+        "size": human_size(stored.size_bytes),
+        "width": stored.width,
+        "height": stored.height,
+        "uploaded_at": stored.uploaded_at.isoformat().replace("+00:00", "Z"),
+        "analyzed": stored.analyzed,
+    }
+
+
+@api.post("/analyze")
+def analyze():
+    image_id = _analyze_image_id()
+    if analysis.fixture_skin_type(image_id):
+        return _json_response(_analysis_record(image_id))
+    _check_image_id(image_id)
+    record, created = _storage().analysis(image_id, _analysis_record)
+    _event(logging.INFO, "image analyzed", image_id=image_id, result="new" if created else "stored")
+    return _json_response(record)
+
+
+# --- helpers -----------------------------------------------------------------
+
+
+def _storage():
+    return current_app.extensions["storage"]
+
+
+def _check_image_id(image_id):
+    if not storage.is_image_id(image_id):
+        raise ApiError(
+            400,
+            "invalid_image_id",
+            "image_id must be an id returned by /upload (a lowercase UUID) or a fixture id such as mock_oily.",
+        )
+
+
+def _analyze_image_id():
+    """Take image_id from the JSON body, or from the query string when the body is empty."""
+    request.max_content_length = ANALYZE_BODY_BYTES
+    if not request.get_data(cache=True) and "image_id" in request.args:
+        return request.args["image_id"]
+    payload = request.get_json(force=True, silent=True)
+    if not isinstance(payload, dict) or not isinstance(payload.get("image_id"), str):
+        raise ApiError(400, "invalid_request", 'Send a JSON object such as {"image_id": "..."}.')
+    return payload["image_id"]
+
+
+def _analysis_record(image_id):
+    """The response body of an analysis: the bytes stored and served for this id."""
+    return json.dumps(analysis.analyze(image_id), separators=(",", ":")).encode() + b"\n"
+
+
+def _json_response(body):
+    return Response(body, mimetype="application/json")
+
+
+def human_size(size):
+    """Format a byte count the way people read it: ``786 B``, ``1.45 MB``."""
+    if size < 1000:
+        return f"{size} B"
+    for unit in ("KB", "MB", "GB"):
+        size /= 1000
+        if size < 1000 or unit == "GB":
+            return f"{size:.2f} {unit}"
+
+
+def _read_file_part():
+    """Return the bytes of the multipart field ``file``, reading the body once and into memory."""
+    if request.mimetype != "multipart/form-data":
+        raise ApiError(
+            400, "missing_file", "Send the image as multipart/form-data with the file in a field named 'file'."
+        )
+    boundary = request.mimetype_params.get("boundary", "")
+    if not 0 < len(boundary) <= 200 or not boundary.isascii():
+        raise MultipartError("the Content-Type has no usable boundary")
+    body = _read_body(current_app.config["MAX_CONTENT_LENGTH"])
+    part = find_file_part(body, boundary.encode(), "file")
+    if part is None:
+        raise ApiError(400, "missing_file", "The request has no file in a multipart field named 'file'.")
+    start, end = part
+    if end - start > current_app.config["MAX_UPLOAD_BYTES"]:
+        raise _file_too_large()
+    return body[start:end]
+
+
+def _read_body(limit):
+    """Read the whole request body in one call; refuse one over ``limit`` before reading it."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise _file_too_large()  # answered without reading: the client stops sending
+    stream = request.environ["wsgi.input"]
+    if length is None:
+        if not request.environ.get("wsgi.input_terminated"):
+            return b""  # a server that cannot delimit a body without a length
+        body = stream.read(limit + 1)
+        if len(body) > limit:
+            raise _file_too_large()
+        return body
+    # One large read: reading 64 KiB at a time makes the server copy its buffer on every call.
+    body = stream.read(length)
+    if len(body) < length:
+        raise ApiError(400, "incomplete_body", "The request body ended before its declared Content-Length.")
+    return body
+
+
+def _file_too_large():
+    limit = current_app.config["MAX_UPLOAD_BYTES"]
+    return ApiError(413, "file_too_large", f"The file is larger than the limit of {limit} bytes ({human_size(limit)}).")
+
+
+class MultipartError(ApiError):
+    def __init__(self, detail):
+        super().__init__(400, "invalid_multipart", f"The multipart body is malformed: {detail}.")
+
+
+_LINE_BREAK = re.compile(rb"\r\n|\n|\r")
+_BLANK_LINE = re.compile(rb"\r\n\r\n|\r\r|\n\n")
+_SPACE = b" \t"
+
+
+def find_file_part(body, boundary, name):
+    """Find the first file part called ``name`` in a complete multipart/form-data body (RFC 7578).
+
+    Returns ``(start, end)`` offsets of its content in ``body``, or None when there is no such
+    part. The whole body must be well formed up to its closing delimiter. Line breaks may be
+    CRLF, LF or CR, as Werkzeug's parser accepts, and a delimiter only counts where it starts a
+    line and is followed by ``--`` or by optional blanks and a line break.
+    """
+    delimiter = b"--" + boundary
+    found = None
+    parts = 0
+    _, position, closed = _next_delimiter(body, delimiter, 0, preamble=True)
+    while not closed:
+        parts += 1
+        if parts > MAX_PARTS:
+            raise MultipartError(f"it has more than {MAX_PARTS} parts")
+        blank = _BLANK_LINE.search(body, position)
+        if blank is None:
+            raise MultipartError("a part's headers never end")
+        headers = _part_headers(body[position : blank.start()])
+        disposition = headers.get("content-disposition")
+        if disposition is None:
+            raise MultipartError("a part has no Content-Disposition header")
+        # The blank line's second line break opens the content and may also be the one
+        # that precedes the next delimiter, which makes the content empty.
+        second_break = (blank.start() + blank.end()) // 2
+        content_start = _LINE_BREAK.match(body, second_break).end()
+        content_end, position, closed = _next_delimiter(body, delimiter, second_break)
+        _, params = parse_options_header(disposition)
+        if found is None and params.get("name") == name and "filename" in params:
+            found = (content_start, max(content_end, content_start))
+    return found
+
+
+def _next_delimiter(body, delimiter, start, preamble=False):
+    """Find the first delimiter line whose line break begins at or after ``start``.
+
+    Returns ``(line_start, after, closed)``: where its leading line break begins, where the
+    next part begins, and whether it is the closing delimiter. Only the first delimiter, after
+    the preamble, may stand without a line break before it.
+    """
+    search = start
+    while True:
+        at = body.find(delimiter, search)
+        if at == -1:
+            raise MultipartError("the closing boundary is missing")
+        search = at + 1
+        if preamble:
+            line_start = at
+        elif at - 2 >= start and body[at - 2 : at] == b"\r\n":
+            line_start = at - 2
+        elif at - 1 >= start and body[at - 1 : at] in (b"\r", b"\n"):
+            line_start = at - 1
+        else:
+            continue
+        after = at + len(delimiter)
+        closed = body[after : after + 2] == b"--"
+        if closed:
+            after += 2
+        while body[after : after + 1] in (b" ", b"\t"):
+            after += 1
+        line_break = _LINE_BREAK.match(body, after)
+        if line_break is not None:
+            return line_start, line_break.end(), closed
+        if closed:
+            return line_start, after, closed
+
+
+def _part_headers(block):
+    """Parse a part's header block into a dict of lowercase names to the first value of each."""
+    headers = {}
+    unfolded = re.sub(rb"(?:\r\n|\n|\r)[ \t]", b" ", bytes(block))
+    for line in unfolded.splitlines():
+        line = line.strip(_SPACE)
+        if not line:
+            continue
+        try:
+            text = line.decode()
+        except UnicodeDecodeError:
+            raise MultipartError("a part header is not UTF-8") from None
+        header, _, value = text.partition(":")
+        headers.setdefault(header.strip(" \t").lower(), value.strip(" \t"))
+    return headers
