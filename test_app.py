@@ -1,0 +1,980 @@
+"""Tests of the HTTP contract, built from the app factory with a temporary uploads folder."""
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import uuid
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from werkzeug.test import EnvironBuilder, run_wsgi_app
+from werkzeug.wrappers import Request
+
+import analysis
+import app as app_module
+import storage
+from app import create_app, find_file_part
+
+REAL_ID = "3b241101-e2bb-4255-8caf-4136c566a962"
+PINNED_MOCK_OILY = {"image_id": "mock_oily", "skin_type": "Oily", "issues": ["Hyperpigmentation"], "confidence": 0.82}
+PINNED_REAL_ID = {"image_id": REAL_ID, "skin_type": "Dry", "issues": ["Dehydration"], "confidence": 0.8}
+KEY = "test-key-0123456789"
+OTHER_KEY = "rotated-key-9876543210"
+HERE = Path(__file__).parent
+UUID4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+
+
+# --- images made in code -------------------------------------------------------
+
+
+def png_chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def make_png(width=4, height=3, extra_chunks=()):
+    """A valid RGB PNG of a flat colour."""
+    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    rows = (b"\x00" + b"\x80\x60\x50" * width) * height
+    return b"".join([storage.PNG_SIGNATURE, header, *extra_chunks, png_chunk(b"IDAT", zlib.compress(rows)), png_chunk(b"IEND", b"")])
+
+
+def jpeg_segment(marker, payload):
+    return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+
+def make_jpeg(width=16, height=8, size=None):
+    """A valid, decodable baseline greyscale JPEG; comment segments pad it to exactly ``size`` bytes."""
+    blocks = -(-width // 8) * -(-height // 8)
+    head = b"".join(
+        [
+            b"\xff\xd8",
+            jpeg_segment(0xE0, b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"),
+            jpeg_segment(0xDB, b"\x00" + b"\x01" * 64),
+            jpeg_segment(0xC0, struct.pack(">BHHB", 8, height, width, 1) + b"\x01\x11\x00"),
+            # One-symbol Huffman tables: DC difference 0 and end-of-block, each coded as a 0 bit.
+            jpeg_segment(0xC4, b"\x00" + b"\x01" + b"\x00" * 15 + b"\x00"),
+            jpeg_segment(0xC4, b"\x10" + b"\x01" + b"\x00" * 15 + b"\x00"),
+        ]
+    )
+    scan = jpeg_segment(0xDA, b"\x01\x01\x00\x00\x3f\x00") + b"\x00" * -(-blocks * 2 // 8) + b"\xff\xd9"
+    padding = b""
+    if size is not None:
+        missing = size - len(head) - len(scan)
+        assert missing >= 0 and missing != 1 and missing != 2 and missing != 3
+        while missing:
+            take = min(missing, 65537)
+            if missing - take in (1, 2, 3):
+                take -= 4
+            padding += jpeg_segment(0xFE, b"\x00" * (take - 4))
+            missing -= take
+    return head + padding + scan
+
+
+# --- fixtures ------------------------------------------------------------------
+
+
+@pytest.fixture
+def uploads(tmp_path):
+    folder = tmp_path / "uploads"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def make_app(uploads):
+    def build(**env):
+        return create_app({"UPLOAD_DIR": str(uploads), "API_KEY": KEY, **env})
+
+    return build
+
+
+@pytest.fixture
+def client(make_app):
+    return make_app().test_client()
+
+
+def stored_files(folder):
+    return sorted(p.name for p in Path(folder).iterdir() if p.name != storage.KEY_FILE)
+
+
+def upload(client, data, filename="photo.jpg", content_type="image/jpeg", key=KEY, path="/upload"):
+    return client.post(
+        path,
+        headers={"X-API-Key": key},
+        data={"file": (io.BytesIO(data), filename, content_type)},
+        content_type="multipart/form-data",
+    )
+
+
+def analyze(client, image_id, key=KEY, path="/analyze"):
+    return client.post(path, headers={"X-API-Key": key}, json={"image_id": image_id})
+
+
+def assert_problem(response, status, code):
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == "application/problem+json"
+    body = response.get_json()
+    assert body["status"] == status
+    assert body["code"] == code
+    assert body["type"] and body["title"]
+    assert isinstance(body["detail"], str) and body["detail"]
+    return body
+
+
+# --- health --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/health", "/api/v1/health"])
+def test_health_needs_no_key(client, path):
+    response = client.get(path)
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "healthy"}
+
+
+def test_health_reports_missing_folder(client, uploads):
+    shutil.rmtree(uploads)
+    assert_problem(client.get("/health"), 503, "storage_unavailable")
+
+
+def test_health_reports_full_disk(client, monkeypatch):
+    monkeypatch.setattr(storage.os, "statvfs", lambda path: os.statvfs_result((4096, 4096, 10, 1, 1, 10, 1, 1, 0, 255)))
+    assert_problem(client.get("/health"), 507, "storage_unavailable")
+
+
+# --- upload --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prefix", ["", "/api/v1"])
+@pytest.mark.parametrize(
+    "data, content_type, extension, width, height",
+    [
+        (make_jpeg(640, 480), "image/jpeg", ".jpg", 640, 480),
+        (make_png(300, 200), "image/png", ".png", 300, 200),
+    ],
+)
+def test_upload_stores_image(client, uploads, prefix, data, content_type, extension, width, height):
+    response = upload(client, data, path=f"{prefix}/upload")
+    assert response.status_code == 201
+    body = response.get_json()
+    image_id = body["image_id"]
+    assert UUID4.fullmatch(image_id)
+    assert body == {
+        "image_id": image_id,
+        "content_type": content_type,
+        "size_bytes": len(data),
+        "size": app_module.human_size(len(data)),
+        "width": width,
+        "height": height,
+    }
+    assert response.headers["Location"] == f"{prefix}/images/{image_id}"
+    assert (uploads / f"{image_id}{extension}").read_bytes() == data
+    assert stored_files(uploads) == [f"{image_id}{extension}"]
+
+
+def test_upload_ignores_client_filename_and_content_type(client, uploads):
+    response = upload(client, make_jpeg(), filename="../../evil.png", content_type="text/html")
+    assert response.status_code == 201
+    assert response.get_json()["content_type"] == "image/jpeg"
+    assert stored_files(uploads) == [response.get_json()["image_id"] + ".jpg"]
+
+
+def test_upload_reports_human_size(client):
+    response = upload(client, make_jpeg(size=1_450_000))
+    assert response.get_json()["size"] == "1.45 MB"
+
+
+@pytest.mark.parametrize(
+    "size, expected", [(0, "0 B"), (786, "786 B"), (999, "999 B"), (1000, "1.00 KB"), (5_242_880, "5.24 MB")]
+)
+def test_human_size(size, expected):
+    assert app_module.human_size(size) == expected
+
+
+def test_upload_accepts_exactly_the_limit(client, uploads):
+    response = upload(client, make_jpeg(size=5_242_880))
+    assert response.status_code == 201
+    assert response.get_json()["size_bytes"] == 5_242_880
+
+
+def test_upload_refuses_one_byte_over_the_limit(client, uploads):
+    assert_problem(upload(client, make_jpeg(size=5_242_881)), 413, "file_too_large")
+    assert stored_files(uploads) == []
+
+
+def test_upload_limit_is_configurable(make_app, uploads):
+    client = make_app(MAX_UPLOAD_BYTES="2000").test_client()
+    assert upload(client, make_jpeg(size=2000)).status_code == 201
+    assert_problem(upload(client, make_jpeg(size=2001)), 413, "file_too_large")
+
+
+def test_upload_refuses_huge_body_before_reading_it(client, uploads):
+    class Unreadable(io.BytesIO):
+        def read(self, *args):
+            raise AssertionError("the body must not be read")
+
+        readline = readinto = read
+
+    environ = EnvironBuilder(
+        path="/upload",
+        method="POST",
+        headers={"X-API-Key": KEY, "Content-Type": "multipart/form-data; boundary=x"},
+        input_stream=Unreadable(),
+    ).get_environ()
+    environ["CONTENT_LENGTH"] = "60000000"
+    body, status, headers = run_wsgi_app(client.application, environ, buffered=True)
+    assert status == "413 REQUEST ENTITY TOO LARGE"
+    assert json.loads(b"".join(body))["code"] == "file_too_large"
+    assert stored_files(uploads) == []
+
+
+def multipart(parts, boundary="b0undary"):
+    """Build a multipart body by hand from ``(headers, content)`` parts."""
+    body = b"".join(b"--%s\r\n%s\r\n\r\n%s\r\n" % (boundary.encode(), headers, content) for headers, content in parts)
+    return body + b"--%s--\r\n" % boundary.encode()
+
+
+FILE_HEADERS = b'Content-Disposition: form-data; name="file"; filename="a.png"\r\nContent-Type: image/png'
+BAD_UPLOADS = {
+    "no file field": ({"other": (io.BytesIO(make_png()), "a.png")}, 400, "missing_file"),
+    "file is a text field": ({"file": "just text"}, 400, "missing_file"),
+    "empty file": ({"file": (io.BytesIO(b""), "a.png")}, 400, "empty_file"),
+    "text sent as png": ({"file": (io.BytesIO(b"hello, world"), "a.png", "image/png")}, 400, "unsupported_type"),
+    "html renamed png": ({"file": (io.BytesIO(b"<html><script>x</script></html>"), "a.png")}, 400, "unsupported_type"),
+    "svg renamed png": ({"file": (io.BytesIO(b'<svg xmlns="http://www.w3.org/2000/svg"/>'), "a.png")}, 400, "unsupported_type"),
+    "gif": ({"file": (io.BytesIO(b"GIF89a\x01\x00\x01\x00\x00\x00\x00;"), "a.gif")}, 400, "unsupported_type"),
+    "png signature only": ({"file": (io.BytesIO(storage.PNG_SIGNATURE), "a.png")}, 400, "invalid_image"),
+    "png truncated": ({"file": (io.BytesIO(make_png()[:60]), "a.png")}, 400, "invalid_image"),
+    "png bad header checksum": ({"file": (io.BytesIO(make_png()[:29] + b"\0\0\0\0" + make_png()[33:]), "a.png")}, 400, "invalid_image"),
+    "png zero width": ({"file": (io.BytesIO(make_png(0, 5)), "a.png")}, 400, "invalid_image"),
+    "png over 100 megapixels": ({"file": (io.BytesIO(make_png(20000, 5001)), "a.png")}, 400, "image_too_large"),
+    "jpeg signature only": ({"file": (io.BytesIO(b"\xff\xd8\xff"), "a.jpg")}, 400, "invalid_image"),
+    "jpeg truncated in header": ({"file": (io.BytesIO(make_jpeg()[:30]), "a.jpg")}, 400, "invalid_image"),
+    "jpeg truncated in scan": ({"file": (io.BytesIO(make_jpeg()[:-2]), "a.jpg")}, 400, "invalid_image"),
+    "jpeg without frame header": (
+        {"file": (io.BytesIO(b"\xff\xd8" + jpeg_segment(0xDA, b"\x01\x01\x00\x00\x3f\x00") + b"\xff\xd9"), "a.jpg")},
+        400,
+        "invalid_image",
+    ),
+    "jpeg declaring 60000x60000": (
+        {"file": (io.BytesIO(make_jpeg().replace(struct.pack(">HH", 8, 16), struct.pack(">HH", 60000, 60000))), "a.jpg")},
+        400,
+        "image_too_large",
+    ),
+}
+
+
+@pytest.mark.parametrize("form, status, code", BAD_UPLOADS.values(), ids=BAD_UPLOADS.keys())
+def test_bad_uploads_are_refused_and_nothing_is_stored(client, uploads, form, status, code):
+    response = client.post("/upload", headers={"X-API-Key": KEY}, data=form, content_type="multipart/form-data")
+    body = assert_problem(response, status, code)
+    if code == "unsupported_type":
+        assert "JPEG" in body["detail"] and "PNG" in body["detail"]
+    assert stored_files(uploads) == []
+
+
+BAD_BODIES = {
+    "json instead of multipart": ("application/json", b'{"file": "x"}', "missing_file"),
+    "raw image body": ("image/png", make_png(), "missing_file"),
+    "no boundary": ("multipart/form-data", multipart([(FILE_HEADERS, make_png())]), "invalid_multipart"),
+    "missing closing boundary": (
+        "multipart/form-data; boundary=b0undary",
+        multipart([(FILE_HEADERS, make_png())])[: -len(b"--b0undary--\r\n")],
+        "invalid_multipart",
+    ),
+    "part without content-disposition": (
+        "multipart/form-data; boundary=b0undary",
+        multipart([(b"Content-Type: image/png", make_png())]),
+        "invalid_multipart",
+    ),
+    "too many parts": (
+        "multipart/form-data; boundary=b0undary",
+        multipart([(b'Content-Disposition: form-data; name="f"', b"x")] * 1001),
+        "invalid_multipart",
+    ),
+    "blank body": ("multipart/form-data; boundary=b0undary", b"\r\n", "invalid_multipart"),
+}
+
+
+@pytest.mark.parametrize("content_type, body, code", BAD_BODIES.values(), ids=BAD_BODIES.keys())
+def test_malformed_upload_requests(client, uploads, content_type, body, code):
+    response = client.post("/upload", headers={"X-API-Key": KEY, "Content-Type": content_type}, data=body)
+    assert_problem(response, 400, code)
+    assert stored_files(uploads) == []
+
+
+def test_concurrent_uploads_get_distinct_ids_and_intact_files(make_app, uploads):
+    app = make_app()
+    images = [make_jpeg(8 * (i + 1), 8, size=20_000 + i) for i in range(32)]
+
+    def send(data):
+        return upload(app.test_client(), data)
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(send, images))
+    ids = [r.get_json()["image_id"] for r in responses]
+    assert all(r.status_code == 201 for r in responses)
+    assert len(set(ids)) == len(images)
+    for image_id, data in zip(ids, images):
+        assert (uploads / f"{image_id}.jpg").read_bytes() == data
+
+
+@pytest.mark.parametrize("errno_name, status", [("ENOSPC", 507), ("EIO", 503)])
+def test_storage_failure_leaves_nothing_behind(client, uploads, monkeypatch, errno_name, status):
+    import errno
+
+    def fail(fd):
+        raise OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)))
+
+    monkeypatch.setattr(storage.os, "fsync", fail)
+    body = assert_problem(upload(client, make_jpeg()), status, "storage_unavailable")
+    assert str(uploads) not in json.dumps(body)
+    assert list(uploads.iterdir()) == []
+
+
+def test_unfinished_uploads_are_ignored_and_removed_at_start(make_app, uploads):
+    leftover = uploads / f"{storage.TEMP_PREFIX}{uuid.uuid4().hex}"
+    leftover.write_bytes(make_jpeg()[:100])
+    client = make_app().test_client()
+    assert not leftover.exists()
+    assert stored_files(uploads) == []
+    assert analyze(client, str(uuid.uuid4())).status_code == 404
+
+
+# --- multipart parsing, against Werkzeug's own parser ---------------------------
+
+
+def werkzeug_file(body, content_type):
+    environ = EnvironBuilder(method="POST", input_stream=io.BytesIO(body), content_type=content_type,
+                             content_length=len(body)).get_environ()
+    try:
+        stored = Request(environ).files.get("file")
+    except Exception:  # Werkzeug refuses some bodies with 413, for example too many parts
+        return None
+    return None if stored is None else stored.read()
+
+
+def our_file(body, boundary):
+    try:
+        found = find_file_part(body, boundary, "file")
+    except app_module.MultipartError:
+        return None
+    return None if found is None else body[found[0] : found[1]]
+
+
+PAYLOAD = make_png() + b"\r\n--notquite\r\n--b0undar" + os.urandom(512) + b"\r\n"
+
+
+def corpus():
+    """Bodies as real clients build them, and hostile variants of them."""
+    boundary = "------------------------d74496d66958873e"  # curl
+    yield "curl", boundary, (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"face.png\"\r\n"
+        f"Content-Type: image/png\r\n\r\n"
+    ).encode() + PAYLOAD + f"\r\n--{boundary}--\r\n".encode()
+    boundary = "3f8a9c5e2b8d4f1e9a7c6b5d4e3f2a1b"  # requests
+    yield "requests", boundary, (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"face.png\"\r\n\r\n"
+    ).encode() + PAYLOAD + f"\r\n--{boundary}--\r\n".encode()
+    boundary = "--------------------------123456789012345678901234"  # Postman / newman
+    yield "postman", boundary, (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n"
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"face.png\"\r\n"
+        f"Content-Type: image/png\r\n\r\n"
+    ).encode() + PAYLOAD + f"\r\n--{boundary}--\r\n".encode()
+    boundary = "a7f1e0c2-4b5d-4e8f-9a1b-2c3d4e5f6a7b"  # OkHttp: UUID boundary, Content-Length per part
+    yield "okhttp", boundary, (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"face.png\"\r\n"
+        f"Content-Type: image/png\r\nContent-Length: {len(PAYLOAD)}\r\n\r\n"
+    ).encode() + PAYLOAD + f"\r\n--{boundary}--\r\n".encode()
+    boundary = "Boundary-6C2A4E1F-8B3D-4F5A-9E7C-1D2B3A4C5E6F"  # URLSession, hand-built bodies
+    yield "urlsession", boundary, (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"IMG_0001.png\"\r\n"
+        f"Content-Type: image/png\r\n\r\n"
+    ).encode() + PAYLOAD + f"\r\n--{boundary}--\r\n".encode()
+    boundary = "xyz"
+    base = lambda disposition, content=PAYLOAD, tail=b"\r\n--xyz--\r\n": (
+        b"--xyz\r\nContent-Disposition: " + disposition + b"\r\n\r\n" + content + tail
+    )
+    yield "filename*", boundary, base(b"form-data; name=\"file\"; filename*=UTF-8''f%C3%A4ce.png")
+    yield "unquoted name", boundary, base(b"form-data; name=file; filename=a.png")
+    yield "no filename (a field)", boundary, base(b'form-data; name="file"')
+    yield "empty filename", boundary, base(b'form-data; name="file"; filename=""')
+    yield "other name", boundary, base(b'form-data; name="image"; filename="a.png"')
+    yield "preamble and epilogue", boundary, b"This is a preamble.\r\n" + base(
+        b'form-data; name="file"; filename="a.png"', tail=b"\r\n--xyz--\r\nThis is an epilogue.\r\n"
+    )
+    yield "no closing boundary", boundary, base(b'form-data; name="file"; filename="a.png"', tail=b"\r\n")
+    yield "closing boundary without CRLF", boundary, base(b'form-data; name="file"; filename="a.png"', tail=b"\r\n--xyz--")
+    yield "boundary with trailing blanks", boundary, base(b'form-data; name="file"; filename="a.png"', tail=b"\r\n--xyz--  \r\n")
+    yield "boundary inside data", boundary, base(b'form-data; name="file"; filename="a.png"', PAYLOAD + b"--xyz" + PAYLOAD)
+    yield "boundary after LF inside data", boundary, base(b'form-data; name="file"; filename="a.png"', b"ab\n--xyzz\n" + PAYLOAD)
+    yield "CRLF inside data", boundary, base(b'form-data; name="file"; filename="a.png"', b"\r\n\r\n" + PAYLOAD + b"\r\n")
+    yield "empty content", boundary, base(b'form-data; name="file"; filename="a.png"', b"")
+    yield "LF line breaks", boundary, b'--xyz\nContent-Disposition: form-data; name="file"; filename="a"\n\n' + PAYLOAD + b"\n--xyz--\n"
+    yield "folded header", boundary, b'--xyz\r\nContent-Disposition: form-data;\r\n name="file"; filename="a"\r\n\r\nabc\r\n--xyz--\r\n'
+    yield "two file parts", boundary, (
+        b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="1"\r\n\r\nfirst\r\n'
+        b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="2"\r\n\r\nsecond\r\n--xyz--\r\n'
+    )
+    yield "no content-disposition", boundary, b"--xyz\r\nContent-Type: image/png\r\n\r\nabc\r\n--xyz--\r\n"
+    yield "headers never end", boundary, b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n'
+    yield "non-UTF-8 header", boundary, b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="\xff"\r\n\r\nabc\r\n--xyz--\r\n'
+    yield "empty form", boundary, b"--xyz--\r\n"
+    yield "no boundary at all", boundary, PAYLOAD
+    yield "many parts", boundary, b'--xyz\r\nContent-Disposition: form-data; name="f"\r\n\r\nv\r\n' * 1500 + b"--xyz--\r\n"
+    yield "regex characters in boundary", "a.b*c+d?", b'--a.b*c+d?\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\nabc\r\n--a.b*c+d?--\r\n'
+    yield "quoted boundary with space", "x y", b'--x y\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\nabc\r\n--x y--\r\n'
+
+
+@pytest.mark.parametrize("label, boundary, body", list(corpus()), ids=[case[0] for case in corpus()])
+def test_multipart_parser_agrees_with_werkzeug(label, boundary, body):
+    content_type = f'multipart/form-data; boundary="{boundary}"'
+    assert our_file(body, boundary.encode()) == werkzeug_file(body, content_type)
+
+
+def test_multipart_parser_agrees_with_werkzeug_on_cut_bodies():
+    """Every prefix-cut and byte-flip of a real body gives the same answer from both parsers."""
+    boundary = "xyz"
+    body = (
+        b'--xyz\r\nContent-Disposition: form-data; name="a"\r\n\r\n1\r\n'
+        b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="f"\r\n\r\n\r\n--xy\rz\n\r\r\n--xyz--\r\n'
+    )
+    variants = [body[:cut] for cut in range(len(body))]
+    variants += [body[:i] + bytes([b]) + body[i + 1 :] for i in range(len(body)) for b in (0x0D, 0x0A, 0x2D, 0x20)]
+    for variant in variants:
+        assert our_file(variant, boundary.encode()) == werkzeug_file(variant, "multipart/form-data; boundary=xyz"), variant
+
+
+# --- analyze -------------------------------------------------------------------
+
+
+@pytest.fixture
+def image_id(client):
+    return upload(client, make_jpeg()).get_json()["image_id"]
+
+
+def test_analyze_returns_a_plausible_result(client, image_id):
+    response = analyze(client, image_id)
+    assert response.status_code == 200
+    body = response.get_json()
+    assert list(body) == ["image_id", "skin_type", "issues", "confidence"]
+    assert body["image_id"] == image_id
+    assert body["skin_type"] in analysis.SKIN_TYPES
+    assert set(body["issues"]) <= set(analysis.PLAUSIBLE_ISSUES[body["skin_type"]])
+    assert body["confidence"] == round(body["confidence"], 2) and 0.70 <= body["confidence"] <= 0.99
+
+
+@pytest.mark.parametrize("prefix", ["", "/api/v1"])
+def test_analyze_is_byte_identical_on_repeat_and_via_query(client, image_id, prefix):
+    first = analyze(client, image_id, path=f"{prefix}/analyze").data
+    assert analyze(client, image_id, path=f"{prefix}/analyze").data == first
+    response = client.post(f"{prefix}/analyze?image_id={image_id}", headers={"X-API-Key": KEY})
+    assert response.status_code == 200 and response.data == first
+
+
+def test_analyze_is_the_same_in_two_app_instances(tmp_path):
+    data = make_jpeg()
+    image_id = str(uuid.uuid4())
+    bodies = []
+    for name in ("one", "two"):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / f"{image_id}.jpg").write_bytes(data)
+        client = create_app({"UPLOAD_DIR": str(folder), "API_KEY": KEY}).test_client()
+        bodies.append((analyze(client, image_id).data, analyze(client, "mock_dry_7").data))
+    assert bodies[0] == bodies[1]
+
+
+def test_analyze_is_stored_and_survives_a_logic_change(client, uploads, image_id, monkeypatch):
+    first = analyze(client, image_id).data
+    assert (uploads / f"{image_id}.json").read_bytes() == first
+    monkeypatch.setattr(analysis, "analyze", lambda image_id: {"image_id": image_id, "skin_type": "Changed"})
+    assert analyze(client, image_id).data == first
+
+
+def test_images_and_analyses_persist_across_restart(make_app, uploads):
+    client = make_app().test_client()
+    image_id = upload(client, make_png()).get_json()["image_id"]
+    first = analyze(client, image_id).data
+    restarted = make_app().test_client()
+    assert analyze(restarted, image_id).data == first
+
+
+def test_analysis_is_deterministic_and_spread():
+    ids = [str(uuid.UUID(int=n, version=4)) for n in range(2000)]
+    results = [analysis.analyze(i) for i in ids]
+    assert results == [analysis.analyze(i) for i in ids]
+    assert {r["skin_type"] for r in results} == set(analysis.SKIN_TYPES)
+    assert {len(r["issues"]) for r in results} == {0, 1, 2, 3}
+    assert {r["confidence"] for r in results} == {p / 100 for p in range(70, 100)}
+    for result in results:
+        assert result["issues"] == sorted(result["issues"], key=analysis.ISSUES.index)
+
+
+def test_analysis_pins_known_values():
+    """A change here changes every client's results: it must be deliberate."""
+    assert analysis.analyze("mock_oily") == PINNED_MOCK_OILY
+    assert analysis.analyze(REAL_ID) == PINNED_REAL_ID
+
+
+@pytest.mark.parametrize(
+    "fixture_id, skin_type",
+    [("mock_oily", "Oily"), ("mock_dry_2", "Dry"), ("mock_combination_user-7", "Combination"), ("mock_sensitive", "Sensitive"), ("mock_normal_a", "Normal")],
+)
+def test_fixture_ids_need_no_upload(client, uploads, fixture_id, skin_type):
+    response = analyze(client, fixture_id)
+    assert response.status_code == 200
+    assert response.get_json()["skin_type"] == skin_type
+    assert response.data == analyze(client, fixture_id).data
+    assert stored_files(uploads) == []
+
+
+BAD_ANALYZE = {
+    "not json": (b"image_id=x", "text/plain", "invalid_request"),
+    "invalid utf-8": (b'{"image_id": "\xff"}', "application/json", "invalid_request"),
+    "json array": (b'["x"]', "application/json", "invalid_request"),
+    "json string": (b'"x"', "application/json", "invalid_request"),
+    "missing image_id": (b'{"id": "x"}', "application/json", "invalid_request"),
+    "number image_id": (b'{"image_id": 5}', "application/json", "invalid_request"),
+    "null image_id": (b'{"image_id": null}', "application/json", "invalid_request"),
+    "empty body": (b"", "application/json", "invalid_request"),
+}
+
+
+@pytest.mark.parametrize("body, content_type, code", BAD_ANALYZE.values(), ids=BAD_ANALYZE.keys())
+def test_bad_analyze_requests(client, body, content_type, code):
+    response = client.post("/analyze", headers={"X-API-Key": KEY, "Content-Type": content_type}, data=body)
+    assert_problem(response, 400, code)
+
+
+HOSTILE_IDS = [
+    "",
+    "../etc/passwd",
+    "../../../../etc/passwd",
+    "/etc/passwd",
+    "..%2F..%2Fetc%2Fpasswd",
+    "%2e%2e%2f",
+    "..\\..\\windows",
+    "abc\x00def",
+    REAL_ID + "\x00",
+    REAL_ID[:-1],
+    REAL_ID[:8],
+    REAL_ID + ".jpg",
+    REAL_ID + ".json",
+    REAL_ID.upper(),
+    REAL_ID.replace("-", ""),
+    "{" + REAL_ID + "}",
+    " " + REAL_ID,
+    REAL_ID + "\n",
+    REAL_ID.replace("a", "\uff41"),  # fullwidth look-alike
+    "mock_oily/../../x",
+    "mock_unknown",
+    "MOCK_OILY",
+    "mock_oily_" + "x" * 100,
+    "a" * 10_000,
+    ".api_key",
+    ".tmp-" + "0" * 32,
+]
+
+
+@pytest.fixture
+def filesystem_calls(monkeypatch):
+    """Record every path the service touches through os and open()."""
+    calls = []
+    for name in ("stat", "lstat", "open", "link", "rename", "unlink", "access", "statvfs", "listdir", "scandir", "mkdir"):
+        original = getattr(os, name)
+
+        def spy(path, *args, _original=original, **kwargs):
+            calls.append(os.fspath(path) if isinstance(path, (str, bytes, os.PathLike)) else path)
+            return _original(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, name, spy)
+    import builtins, io as io_module
+
+    original_open = io_module.open
+
+    def open_spy(file, *args, **kwargs):
+        calls.append(os.fspath(file) if isinstance(file, (str, bytes, os.PathLike)) else file)
+        return original_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(io_module, "open", open_spy)
+    monkeypatch.setattr(builtins, "open", open_spy)
+    return calls
+
+
+@pytest.mark.parametrize("bad_id", HOSTILE_IDS, ids=range(len(HOSTILE_IDS)))
+def test_hostile_ids_are_refused_before_touching_the_filesystem(client, uploads, filesystem_calls, bad_id):
+    (uploads / f"{REAL_ID}.jpg").write_bytes(make_jpeg())
+    filesystem_calls.clear()
+    assert_problem(analyze(client, bad_id), 400, "invalid_image_id")
+    assert_problem(client.post("/analyze", query_string={"image_id": bad_id}, headers={"X-API-Key": KEY}), 400, "invalid_image_id")
+    assert filesystem_calls == []
+    assert stored_files(uploads) == [f"{REAL_ID}.jpg"]
+
+
+def test_unknown_id_touches_only_the_uploads_folder(client, uploads, filesystem_calls):
+    filesystem_calls.clear()
+    assert_problem(analyze(client, str(uuid.uuid4())), 404, "image_not_found")
+    assert filesystem_calls
+    assert all(Path(path).parent == uploads for path in filesystem_calls if isinstance(path, str))
+
+
+# --- inspect -------------------------------------------------------------------
+
+
+def test_image_metadata(client, image_id):
+    response = client.get(f"/images/{image_id}", headers={"X-API-Key": KEY})
+    body = response.get_json()
+    assert response.status_code == 200
+    assert body["analyzed"] is False and body["width"] == 16 and body["content_type"] == "image/jpeg"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", body["uploaded_at"])
+    analyze(client, image_id)
+    assert client.get(f"/api/v1/images/{image_id}", headers={"X-API-Key": KEY}).get_json()["analyzed"] is True
+    assert_problem(client.get(f"/images/{uuid.uuid4()}", headers={"X-API-Key": KEY}), 404, "image_not_found")
+    assert_problem(client.get(f"/images/{image_id}.jpg", headers={"X-API-Key": KEY}), 400, "invalid_image_id")
+
+
+# --- authentication ------------------------------------------------------------
+
+PROTECTED = [
+    ("POST", "/upload"),
+    ("POST", "/analyze"),
+    ("GET", f"/images/{REAL_ID}"),
+]
+BAD_KEYS = {
+    "missing": None,
+    "empty": "",
+    "wrong": "wrong-key",
+    "prefix of the key": KEY[:-1],
+    "key with suffix": KEY + "x",
+    "very long": "k" * 8000,
+    "latin-1": "cl\u00e9",
+    "raw UTF-8 bytes": "ключ".encode().decode("latin-1"),
+}
+
+
+@pytest.mark.parametrize("prefix", ["", "/api/v1"])
+@pytest.mark.parametrize("method, path", PROTECTED)
+@pytest.mark.parametrize("key", BAD_KEYS.values(), ids=BAD_KEYS.keys())
+def test_protected_routes_need_a_valid_key(client, uploads, prefix, method, path, key):
+    headers = {} if key is None else {"X-API-Key": key}
+    response = client.open(
+        prefix + path, method=method, headers=headers, data={"file": (io.BytesIO(make_jpeg()), "a.jpg")}
+    )
+    assert_problem(response, 401, "unauthorized")
+    assert "X-API-Key" in response.headers["WWW-Authenticate"]
+    assert stored_files(uploads) == []
+
+
+def test_unknown_routes_need_a_key_too(client):
+    assert_problem(client.get("/nope"), 401, "unauthorized")
+
+
+def test_several_keys_allow_rotation(make_app):
+    client = make_app(API_KEY=f" {KEY} , {OTHER_KEY} ,").test_client()
+    assert analyze(client, "mock_oily", key=KEY).status_code == 200
+    assert analyze(client, "mock_oily", key=OTHER_KEY).status_code == 200
+    assert analyze(client, "mock_oily", key="").status_code == 401
+
+
+def test_generated_key_is_persisted_and_shared(uploads, capsys):
+    first = create_app({"UPLOAD_DIR": str(uploads)})
+    key_file = uploads / storage.KEY_FILE
+    key = key_file.read_text()
+    assert len(key) >= 40
+    out = capsys.readouterr().out
+    assert str(key_file) in out and key not in out
+    second = create_app({"UPLOAD_DIR": str(uploads)})
+    for app in (first, second):
+        assert analyze(app.test_client(), "mock_dry", key=key).status_code == 200
+        assert analyze(app.test_client(), "mock_dry", key="").status_code == 401
+
+
+def test_generated_keys_differ_between_installs(tmp_path):
+    keys = set()
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        create_app({"UPLOAD_DIR": str(tmp_path / name)})
+        keys.add((tmp_path / name / storage.KEY_FILE).read_text())
+    assert len(keys) == 2
+
+
+# --- errors, request ids, logs ---------------------------------------------------
+
+
+def test_method_not_allowed_keeps_allow_header(client):
+    response = client.get("/upload", headers={"X-API-Key": KEY})
+    assert_problem(response, 405, "method_not_allowed")
+    assert "POST" in response.headers["Allow"]
+
+
+def test_unknown_route_is_problem_json(client):
+    assert_problem(client.get("/nope", headers={"X-API-Key": KEY}), 404, "not_found")
+
+
+def test_unexpected_error_hides_details_and_logs_traceback(make_app, uploads, capsys, monkeypatch):
+    client = make_app().test_client()
+
+    def explode(image_id):
+        raise RuntimeError(f"secret detail in {uploads}")
+
+    monkeypatch.setattr(analysis, "analyze", explode)
+    response = analyze(client, "mock_oily")
+    body = assert_problem(response, 500, "internal_error")
+    assert "secret" not in response.get_data(as_text=True) and "Traceback" not in body["detail"]
+    out = capsys.readouterr().out
+    assert "Traceback" in out and "secret detail" in out and response.headers["X-Request-ID"] in out
+
+
+def test_request_id_is_echoed_or_generated(client):
+    assert client.get("/health", headers={"X-Request-ID": "abc-123"}).headers["X-Request-ID"] == "abc-123"
+    for insane in ("", "a b", "x" * 200, "id\u00e9"):
+        generated = client.get("/health", headers={"X-Request-ID": insane}).headers["X-Request-ID"]
+        assert re.fullmatch(r"[0-9a-f]{32}", generated)
+
+
+def test_json_logs_one_line_per_request_without_the_key(make_app, capsys):
+    client = make_app(LOG_FORMAT="json").test_client()
+    capsys.readouterr()
+    image_id = upload(client, make_jpeg()).get_json()["image_id"]
+    analyze(client, image_id)
+    analyze(client, "../x")
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    requests_logged = [line for line in lines if line["message"] == "request"]
+    assert [(r["method"], r["path"], r["status"]) for r in requests_logged] == [
+        ("POST", "/upload", 201),
+        ("POST", "/analyze", 200),
+        ("POST", "/analyze", 400),
+    ]
+    assert all(isinstance(r["duration_ms"], float) and r["request_id"] for r in requests_logged)
+    events = {line["message"]: line for line in lines}
+    assert events["image stored"]["image_id"] == image_id and events["image stored"]["width"] == 16
+    assert events["image analyzed"]["result"] == "new"
+    assert events["request rejected"]["level"] == "WARNING"
+    assert KEY not in json.dumps(lines)
+
+
+def test_log_level_filters(make_app, capsys):
+    client = make_app(LOG_LEVEL="warning").test_client()
+    client.get("/health")
+    assert capsys.readouterr().out == ""
+
+
+# --- CORS ------------------------------------------------------------------------
+
+
+def test_no_cors_headers_by_default(client):
+    response = client.get("/health", headers={"Origin": "https://example.com"})
+    assert "Access-Control-Allow-Origin" not in response.headers
+
+
+def test_cors_with_an_origin_list(make_app):
+    client = make_app(CORS_ORIGINS="https://app.example.com, https://admin.example.com").test_client()
+    response = analyze(client, "mock_oily")
+    allowed = client.post(
+        "/analyze", headers={"X-API-Key": KEY, "Origin": "https://app.example.com"}, json={"image_id": "mock_oily"}
+    )
+    assert allowed.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
+    assert "Origin" in allowed.headers["Vary"]
+    assert "X-Request-ID" in allowed.headers["Access-Control-Expose-Headers"]
+    other = client.get("/health", headers={"Origin": "https://evil.example.com"})
+    assert "Access-Control-Allow-Origin" not in other.headers
+    assert "Access-Control-Allow-Origin" not in response.headers
+
+
+def test_cors_preflight_needs_no_key(make_app):
+    client = make_app(CORS_ORIGINS="*").test_client()
+    response = client.options(
+        "/upload",
+        headers={"Origin": "https://x.example", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-api-key"},
+    )
+    assert response.status_code == 204
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+    assert "X-API-Key" in response.headers["Access-Control-Allow-Headers"]
+
+
+# --- configuration ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"MAX_UPLOAD_BYTES": "5MB"}, "MAX_UPLOAD_BYTES"),
+        ({"MAX_UPLOAD_BYTES": "0"}, "MAX_UPLOAD_BYTES"),
+        ({"MAX_UPLOAD_BYTES": "-1"}, "MAX_UPLOAD_BYTES"),
+        ({"TRUSTED_PROXY_COUNT": "one"}, "TRUSTED_PROXY_COUNT"),
+        ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+        ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+        ({"UPLOAD_DIR": "/no/such/parent/uploads"}, "UPLOAD_DIR"),
+    ],
+)
+def test_bad_settings_stop_the_start_with_one_message(uploads, env, message):
+    with pytest.raises(SystemExit) as stopped:
+        create_app({"UPLOAD_DIR": str(uploads), "API_KEY": KEY, **env})
+    assert str(stopped.value).startswith("Configuration error: " + message)
+
+
+def test_missing_upload_folder_is_created(tmp_path):
+    create_app({"UPLOAD_DIR": str(tmp_path / "fresh"), "API_KEY": KEY})
+    assert (tmp_path / "fresh").is_dir()
+
+
+def test_proxy_fix_uses_forwarded_client(make_app, capsys):
+    client = make_app(TRUSTED_PROXY_COUNT="1").test_client()
+    client.get("/health", headers={"X-Forwarded-For": "203.0.113.9"})
+    assert "client=203.0.113.9" in capsys.readouterr().out
+
+
+def test_env_file_is_read_but_environment_wins(tmp_path, monkeypatch):
+    (tmp_path / ".env").write_text(f"UPLOAD_DIR={tmp_path / 'from_dotenv'}\nAPI_KEY=from-dotenv\nMAX_UPLOAD_BYTES=1234\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(app_module, "load_dotenv", lambda: __import__("dotenv").load_dotenv(tmp_path / ".env"))
+    monkeypatch.setenv("MAX_UPLOAD_BYTES", "4321")
+    for name in ("API_KEY", "UPLOAD_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    app = create_app()
+    assert app.config["UPLOAD_DIR"] == tmp_path / "from_dotenv"
+    assert app.config["MAX_UPLOAD_BYTES"] == 4321
+    assert app.config["API_KEYS"] == (b"from-dotenv",)
+
+
+# --- against a real gunicorn server -----------------------------------------------
+
+
+class Server:
+    """gunicorn started as the Procfile starts it, on a free loopback port."""
+
+    def __init__(self, folder, env=None, args=()):
+        environment = {k: v for k, v in os.environ.items() if k not in ("API_KEY", "PORT", "WEB_CONCURRENCY")}
+        environment.update({"UPLOAD_DIR": str(folder), **(env or {})})
+        command = [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "--bind", "127.0.0.1:0", *args]
+        self.log = open(Path(folder).parent / "gunicorn.log", "w+")
+        self.process = subprocess.Popen(command, cwd=HERE, env=environment, stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            self.log.seek(0)
+            match = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", self.log.read())
+            if match:
+                self.url = f"http://127.0.0.1:{match[1]}"
+                break
+            assert self.process.poll() is None, "gunicorn exited"
+            time.sleep(0.05)
+        else:
+            raise AssertionError("gunicorn did not start")
+        while requests.get(self.url + "/health", timeout=5).status_code != 200:
+            time.sleep(0.05)
+
+    def stop(self):
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def server(uploads):
+    running = Server(uploads, {"API_KEY": KEY})
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def big_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("big")
+    files = {}
+    for megabytes in (20, 60):
+        path = folder / f"{megabytes}mb.jpg"
+        with open(path, "wb") as file:
+            file.write(make_jpeg())
+            file.write(b"\0" * megabytes * 1_000_000)
+        files[megabytes] = path
+    return files
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("megabytes", [20, 60])
+@pytest.mark.parametrize("expect", [True, False], ids=["expect-100", "no-expect"])
+def test_curl_gets_413_for_huge_upload(server, uploads, big_files, megabytes, expect):
+    command = ["curl", "-sS", "-H", f"X-API-Key: {KEY}", "-F", f"file=@{big_files[megabytes]}",
+               "-w", "\n%{http_code}", server.url + "/upload"]
+    if not expect:
+        command[2:2] = ["-H", "Expect:"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    body, status = result.stdout.rsplit("\n", 1)
+    assert status == "413"
+    assert json.loads(body)["code"] == "file_too_large"
+    assert stored_files(uploads) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("megabytes", [20, 60])
+def test_requests_gets_413_for_huge_upload(server, uploads, big_files, megabytes):
+    with open(big_files[megabytes], "rb") as file:
+        response = requests.post(server.url + "/upload", headers={"X-API-Key": KEY}, files={"file": file}, timeout=60)
+    assert response.status_code == 413
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert response.json()["code"] == "file_too_large"
+    assert stored_files(uploads) == []
+
+
+@pytest.mark.slow
+def test_gunicorn_end_to_end(server, uploads):
+    session = requests.Session()
+    session.headers["X-API-Key"] = KEY
+    data = make_jpeg(size=5_242_880)
+    response = session.post(server.url + "/api/v1/upload", files={"file": ("a.jpg", data, "image/jpeg")}, timeout=30)
+    assert response.status_code == 201, response.text
+    image_id = response.json()["image_id"]
+    bodies = {session.post(server.url + "/analyze", json={"image_id": image_id}, timeout=10).content for _ in range(20)}
+    assert len(bodies) == 1
+    chunked = session.post(server.url + "/upload", data=iter([b"x"]), timeout=10,
+                           headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert chunked.status_code == 400 and chunked.json()["code"] == "invalid_multipart"
+    assert (uploads / f"{image_id}.jpg").read_bytes() == data
+
+
+@pytest.mark.slow
+def test_chunked_upload_over_the_limit_gets_413(server, uploads):
+    def chunks():
+        yield b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\n" + make_jpeg()
+        for _ in range(8):
+            yield b"\0" * 1_000_000
+
+    response = requests.post(server.url + "/upload", data=chunks(), timeout=30,
+                             headers={"X-API-Key": KEY, "Content-Type": "multipart/form-data; boundary=b"})
+    assert response.status_code == 413
+    assert stored_files(uploads) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preload", [True, False], ids=["procfile", "workers-start-together"])
+def test_workers_agree_on_the_generated_key(uploads, preload):
+    args = ["--workers", "4"] + ([] if preload else ["--config", os.devnull, "--worker-class", "gthread",
+                                                      "app:create_app()"])
+    running = Server(uploads, args=args)
+    try:
+        key = (uploads / storage.KEY_FILE).read_text()
+        statuses = set()
+        for _ in range(40):  # new connections, spread over the workers
+            response = requests.post(running.url + "/analyze", headers={"X-API-Key": key, "Connection": "close"},
+                                     json={"image_id": "mock_oily"}, timeout=10)
+            statuses.add(response.status_code)
+        assert statuses == {200}
+    finally:
+        running.stop()
