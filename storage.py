@@ -88,7 +88,7 @@ def inspect_image(data):
         width, height = _jpeg_size(data)
         content_type = "image/jpeg"
     else:
-        raise UnsupportedType("The file is neither a JPEG nor a PNG image.")
+        raise UnsupportedType("Only JPEG and PNG images are accepted; this file is neither.")
     if width * height > MAX_PIXELS:
         raise ImageTooLarge(
             f"The image is {width}x{height} pixels; at most {MAX_PIXELS // 1_000_000} megapixels are accepted."
