@@ -27,6 +27,7 @@ DEFAULTS = {
     "LOG_FORMAT": "text",
     "CORS_ORIGINS": "",
     "TRUSTED_PROXY_COUNT": "0",
+    "CLIENT_TIMEOUT": "20",
 }
 # Room for the multipart envelope (boundaries, part headers, small extra fields) around the file.
 ENVELOPE_BYTES = 64 * 1024
@@ -119,7 +120,7 @@ def create_app(env=None):
 def _parse_config(settings):
     """Validate the settings; raise ConfigError naming the first bad one."""
     config = {"API_KEYS": tuple(k.strip() for k in settings.get("API_KEY", "").split(",") if k.strip())}
-    for name, minimum in (("MAX_UPLOAD_BYTES", 1), ("TRUSTED_PROXY_COUNT", 0)):
+    for name, minimum in (("MAX_UPLOAD_BYTES", 1), ("TRUSTED_PROXY_COUNT", 0), ("CLIENT_TIMEOUT", 1)):
         value = settings[name].strip()
         if not value.isdecimal() or int(value) < minimum:
             raise ConfigError(f"{name} must be a whole number of at least {minimum}, got {value!r}.")
@@ -435,17 +436,24 @@ def _read_body(limit):
     length = request.content_length
     if length is not None and length > limit:
         raise _file_too_large()  # answered without reading: the client stops sending
-    stream = request.environ["wsgi.input"]
-    if length is None:
-        if not request.environ.get("wsgi.input_terminated"):
-            return b""  # a server that cannot delimit a body without a length
-        body = stream.read(limit + 1)
-        if len(body) > limit:
-            raise _file_too_large()
-        return body
-    # One large read: reading 64 KiB at a time makes the server copy its buffer on every call.
-    body = stream.read(length)
-    if len(body) < length:
+    environ = request.environ
+    if length is None and not environ.get("wsgi.input_terminated"):
+        return b""  # a server that cannot delimit a body without a length
+    if "gunicorn.socket" in environ:
+        # gunicorn reads bodies on a blocking socket without a timeout: a client that
+        # stops sending would hold this thread for ever.
+        environ["gunicorn.socket"].settimeout(current_app.config["CLIENT_TIMEOUT"])
+    try:
+        # One large read: reading 64 KiB at a time makes gunicorn copy its buffer on every call.
+        body = environ["wsgi.input"].read(limit + 1 if length is None else length)
+    except TimeoutError:
+        timeout = current_app.config["CLIENT_TIMEOUT"]
+        raise ApiError(408, "request_timeout", f"The client sent nothing for {timeout} seconds.") from None
+    except OSError:
+        body = b""  # the client went away; the check below answers if it is still listening
+    if length is None and len(body) > limit:
+        raise _file_too_large()
+    if length is not None and len(body) < length:
         raise ApiError(400, "incomplete_body", "The request body ended before its declared Content-Length.")
     return body
 

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -978,3 +979,30 @@ def test_workers_agree_on_the_generated_key(uploads, preload):
         assert statuses == {200}
     finally:
         running.stop()
+
+
+@pytest.mark.slow
+def test_stalled_upload_is_cut_off_and_discarded(uploads):
+    running = Server(uploads, {"API_KEY": KEY, "CLIENT_TIMEOUT": "1"})
+    try:
+        body = multipart([(FILE_HEADERS, make_png())])
+        host, port = running.url.rsplit("/", 1)[1].split(":")
+        stalled = socket.create_connection((host, int(port)), timeout=10)
+        stalled.sendall(
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nX-API-Key: %s\r\nContent-Length: %d\r\n"
+            b"Content-Type: multipart/form-data; boundary=b0undary\r\n\r\n%s" % (KEY.encode(), len(body), body[:50])
+        )
+        started = time.monotonic()
+        assert analyze_over_http(running, "mock_oily").status_code == 200  # others are served meanwhile
+        answer = stalled.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 408")
+        assert b'"code":"request_timeout"' in answer
+        assert time.monotonic() - started < 5
+        stalled.close()
+        assert stored_files(uploads) == []
+    finally:
+        running.stop()
+
+
+def analyze_over_http(server, image_id):
+    return requests.post(server.url + "/analyze", headers={"X-API-Key": KEY}, json={"image_id": image_id}, timeout=10)
