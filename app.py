@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dotenv import load_dotenv
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, url_for
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES, parse_options_header
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -55,7 +55,7 @@ class ApiError(HTTPException):
         self.extra_headers = headers or {}
 
 
-# Domain failures, mapped to HTTP in this one place.
+# Domain failures, mapped to HTTP in this one place (the most specific class wins).
 STORAGE_ERRORS = {
     storage.UnsupportedType: (400, "unsupported_type"),
     storage.InvalidImage: (400, "invalid_image"),
@@ -85,11 +85,17 @@ def create_app(env=None):
     app.json.sort_keys = False  # keep documented field order
 
     folder = storage.Storage(config["UPLOAD_DIR"])
-    removed = folder.remove_temp_files()
+    try:
+        removed = folder.remove_temp_files()
+        if not config["API_KEYS"]:
+            key, path = folder.api_key()
+    except (storage.StorageError, OSError) as error:
+        raise SystemExit(f"Configuration error: UPLOAD_DIR {str(folder.folder)!r} is not usable: {error}") from None
     if removed:
         _event(logging.WARNING, "removed unfinished uploads", count=removed)
     if not config["API_KEYS"]:
-        key, path = folder.api_key()
+        if len(key) < storage.MIN_KEY_LENGTH:
+            raise SystemExit(f"Configuration error: {path} holds no usable key; delete it to generate a new one.")
         app.config["API_KEYS"] = (key.encode(),)
         log.warning("API_KEY is not set: using the generated key kept in %s (show it with: cat %s)", path, path)
     app.extensions["storage"] = folder
@@ -135,6 +141,8 @@ def _parse_config(settings):
     config["LOG_FORMAT"] = log_format
     config["CORS_ORIGINS"] = frozenset(o.strip() for o in settings["CORS_ORIGINS"].split(",") if o.strip())
 
+    if not settings["UPLOAD_DIR"].strip():
+        raise ConfigError("UPLOAD_DIR is empty; leave it unset for ./uploads.")
     folder = Path(settings["UPLOAD_DIR"]).expanduser().absolute()
     if not folder.parent.is_dir():
         raise ConfigError(f"UPLOAD_DIR {settings['UPLOAD_DIR']!r} is in a folder that does not exist.")
@@ -173,7 +181,8 @@ class _Formatter(logging.Formatter):
 
 def _logfmt(value):
     text = str(value)
-    return json.dumps(text) if not text or any(c in text for c in ' "=\\') else text
+    needs_quotes = not text or not text.isprintable() or any(c in text for c in ' "=\\')
+    return json.dumps(text) if needs_quotes else text
 
 
 def _configure_logging(level, log_format):
@@ -199,6 +208,10 @@ def public(view):
 
 def _start_request():
     g.started = time.perf_counter()
+    if "gunicorn.socket" in request.environ:
+        # gunicorn's threads read bodies on a blocking socket with no timeout: a client that
+        # stops sending would hold a thread for ever.
+        request.environ["gunicorn.socket"].settimeout(current_app.config["CLIENT_TIMEOUT"])
     sent = request.headers.get("X-Request-ID", "")
     g.request_id = sent if REQUEST_ID.fullmatch(sent) else uuid.uuid4().hex
 
@@ -209,7 +222,7 @@ def _answer_preflight():
         return None
     response = Response(status=204)
     if _allowed_origin():
-        response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
         response.headers["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
         response.headers["Access-Control-Max-Age"] = "600"
     return response
@@ -222,7 +235,8 @@ def _require_api_key():
     # WSGI hands headers over as latin-1 text, so this recovers the bytes the client sent.
     presented = request.headers.get("X-API-Key", "").encode("latin-1")
     # Compare against every key, so the time taken does not tell which one nearly matched.
-    if not any([hmac.compare_digest(presented, key) for key in current_app.config["API_KEYS"]]):
+    matches = [hmac.compare_digest(presented, key) for key in current_app.config["API_KEYS"]]
+    if not presented or not any(matches):
         raise ApiError(
             401,
             "unauthorized",
@@ -243,12 +257,13 @@ def _allowed_origin():
 
 def _finish_request(response):
     response.headers["X-Request-ID"] = g.request_id
+    origins = current_app.config["CORS_ORIGINS"]
+    if origins and "*" not in origins:
+        response.vary.add("Origin")  # the answer depends on the Origin, also when it is refused
     origin = _allowed_origin()
     if origin:
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE_HEADERS
-        if origin != "*":
-            response.vary.add("Origin")
     _event(
         logging.INFO,
         "request",
@@ -291,7 +306,7 @@ def _problem_response(error):
 
 
 def _storage_error(error):
-    status, code = next(v for cls, v in STORAGE_ERRORS.items() if isinstance(error, cls))
+    status, code = next(STORAGE_ERRORS[cls] for cls in type(error).__mro__ if cls in STORAGE_ERRORS)
     if status >= 500:
         log.error("storage failure", exc_info=error, extra={"fields": {"request_id": g.get("request_id")}})
     return _problem_response(ApiError(status, code, str(error)))
@@ -309,7 +324,7 @@ def _unexpected_error(error):
 @api.get("/health")
 @public
 def health():
-    _storage().check(min_free_bytes=current_app.config["MAX_UPLOAD_BYTES"])
+    _storage().check()
     return {"status": "healthy"}
 
 
@@ -328,15 +343,7 @@ def upload():
         width=stored.width,
         height=stored.height,
     )
-    body = {
-        "image_id": stored.image_id,
-        "content_type": stored.content_type,
-        "size_bytes": stored.size_bytes,
-        "size": human_size(stored.size_bytes),
-        "width": stored.width,
-        "height": stored.height,
-    }
-    return body, 201, {"Location": url_for(".image", image_id=stored.image_id)}
+    return _image_body(stored), 201, {"Location": url_for(".image", image_id=stored.image_id)}
 
 
 @api.get("/images/<image_id>")
@@ -344,12 +351,7 @@ def image(image_id):
     _check_image_id(image_id)
     stored = _storage().image(image_id)
     return {
-        "image_id": stored.image_id,
-        "content_type": stored.content_type,
-        "size_bytes": stored.size_bytes,
-        "size": human_size(stored.size_bytes),
-        "width": stored.width,
-        "height": stored.height,
+        **_image_body(stored),
         "uploaded_at": stored.uploaded_at.isoformat().replace("+00:00", "Z"),
         "analyzed": stored.analyzed,
     }
@@ -359,11 +361,13 @@ def image(image_id):
 def analyze():
     image_id = _analyze_image_id()
     if analysis.fixture_skin_type(image_id):
-        return _json_response(_analysis_record(image_id))
-    _check_image_id(image_id)
-    record, created = _storage().analysis(image_id, _analysis_record)
-    _event(logging.INFO, "image analyzed", image_id=image_id, result="new" if created else "stored")
-    return _json_response(record)
+        record, result = _analysis_record(image_id), "fixture"
+    else:
+        _check_image_id(image_id)
+        record, created = _storage().analysis(image_id, _analysis_record)
+        result = "new" if created else "stored"
+    _event(logging.INFO, "image analyzed", image_id=image_id, result=result)
+    return Response(record, mimetype="application/json")
 
 
 # --- helpers -----------------------------------------------------------------
@@ -384,10 +388,14 @@ def _check_image_id(image_id):
 
 def _analyze_image_id():
     """Take image_id from the JSON body, or from the query string when the body is empty."""
-    request.max_content_length = ANALYZE_BODY_BYTES
-    if not request.get_data(cache=True) and "image_id" in request.args:
+    too_large = ApiError(413, "request_too_large", f"An analyze request body may be at most {ANALYZE_BODY_BYTES} bytes.")
+    body = _read_body(ANALYZE_BODY_BYTES, too_large)
+    if not body and "image_id" in request.args:
         return request.args["image_id"]
-    payload = request.get_json(force=True, silent=True)
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
+        payload = None
     if not isinstance(payload, dict) or not isinstance(payload.get("image_id"), str):
         raise ApiError(400, "invalid_request", 'Send a JSON object such as {"image_id": "..."}.')
     return payload["image_id"]
@@ -398,8 +406,15 @@ def _analysis_record(image_id):
     return json.dumps(analysis.analyze(image_id), separators=(",", ":")).encode() + b"\n"
 
 
-def _json_response(body):
-    return Response(body, mimetype="application/json")
+def _image_body(stored):
+    return {
+        "image_id": stored.image_id,
+        "content_type": stored.content_type,
+        "size_bytes": stored.size_bytes,
+        "size": human_size(stored.size_bytes),
+        "width": stored.width,
+        "height": stored.height,
+    }
 
 
 def human_size(size):
@@ -408,7 +423,7 @@ def human_size(size):
         return f"{size} B"
     for unit in ("KB", "MB", "GB"):
         size /= 1000
-        if size < 1000 or unit == "GB":
+        if round(size, 2) < 1000 or unit == "GB":
             return f"{size:.2f} {unit}"
 
 
@@ -421,28 +436,26 @@ def _read_file_part():
     boundary = request.mimetype_params.get("boundary", "")
     if not 0 < len(boundary) <= 200 or not boundary.isascii():
         raise MultipartError("the Content-Type has no usable boundary")
-    body = _read_body(current_app.config["MAX_CONTENT_LENGTH"])
-    part = find_file_part(body, boundary.encode(), "file")
+    body = _read_body(current_app.config["MAX_CONTENT_LENGTH"], _file_too_large())
+    part = find_part(body, boundary.encode(), "file")
     if part is None:
-        raise ApiError(400, "missing_file", "The request has no file in a multipart field named 'file'.")
+        raise ApiError(400, "missing_file", "The request has no multipart field named 'file'.")
     start, end = part
     if end - start > current_app.config["MAX_UPLOAD_BYTES"]:
         raise _file_too_large()
     return body[start:end]
 
 
-def _read_body(limit):
-    """Read the whole request body in one call; refuse one over ``limit`` before reading it."""
+def _read_body(limit, too_large):
+    """Read the whole request body in one call; refuse one over ``limit``, before reading it if possible."""
     length = request.content_length
     if length is not None and length > limit:
-        raise _file_too_large()  # answered without reading: the client stops sending
+        raise too_large  # answered without reading: the client stops sending
     environ = request.environ
     if length is None and not environ.get("wsgi.input_terminated"):
-        return b""  # a server that cannot delimit a body without a length
-    if "gunicorn.socket" in environ:
-        # gunicorn reads bodies on a blocking socket without a timeout: a client that
-        # stops sending would hold this thread for ever.
-        environ["gunicorn.socket"].settimeout(current_app.config["CLIENT_TIMEOUT"])
+        if request.headers.get("Transfer-Encoding"):
+            raise ApiError(411, "length_required", "Send the body with a Content-Length header.")
+        return b""
     try:
         # One large read: reading 64 KiB at a time makes gunicorn copy its buffer on every call.
         body = environ["wsgi.input"].read(limit + 1 if length is None else length)
@@ -452,7 +465,7 @@ def _read_body(limit):
     except OSError:
         body = b""  # the client went away; the check below answers if it is still listening
     if length is None and len(body) > limit:
-        raise _file_too_large()
+        raise too_large
     if length is not None and len(body) < length:
         raise ApiError(400, "incomplete_body", "The request body ended before its declared Content-Length.")
     return body
@@ -460,7 +473,7 @@ def _read_body(limit):
 
 def _file_too_large():
     limit = current_app.config["MAX_UPLOAD_BYTES"]
-    return ApiError(413, "file_too_large", f"The file is larger than the limit of {limit} bytes ({human_size(limit)}).")
+    return ApiError(413, "file_too_large", f"Files may be at most {limit} bytes ({human_size(limit)}); this one is larger.")
 
 
 class MultipartError(ApiError):
@@ -473,11 +486,11 @@ _BLANK_LINE = re.compile(rb"\r\n\r\n|\r\r|\n\n")
 _SPACE = b" \t"
 
 
-def find_file_part(body, boundary, name):
-    """Find the first file part called ``name`` in a complete multipart/form-data body (RFC 7578).
+def find_part(body, boundary, name):
+    """Find the first part called ``name`` in a complete multipart/form-data body (RFC 7578).
 
     Returns ``(start, end)`` offsets of its content in ``body``, or None when there is no such
-    part. The whole body must be well formed up to its closing delimiter. Line breaks may be
+    part. A part counts whether or not it has a ``filename`` parameter: some clients omit it. The whole body must be well formed up to its closing delimiter. Line breaks may be
     CRLF, LF or CR, as Werkzeug's parser accepts, and a delimiter only counts where it starts a
     line and is followed by ``--`` or by optional blanks and a line break.
     """
@@ -502,7 +515,7 @@ def find_file_part(body, boundary, name):
         content_start = _LINE_BREAK.match(body, second_break).end()
         content_end, position, closed = _next_delimiter(body, delimiter, second_break)
         _, params = parse_options_header(disposition)
-        if found is None and params.get("name") == name and "filename" in params:
+        if found is None and params.get("name") == name:
             found = (content_start, max(content_end, content_start))
     return found
 

@@ -16,6 +16,7 @@ MAX_PIXELS = 100_000_000
 IMAGE_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 TEMP_PREFIX = ".tmp-"
 KEY_FILE = ".api_key"
+MIN_KEY_LENGTH = 32
 EXTENSIONS = {"image/jpeg": ".jpg", "image/png": ".png"}
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -76,7 +77,7 @@ class StoredImage:
 
 def is_image_id(value):
     """True for a lowercase canonical UUID, the only shape of a stored image's id."""
-    return len(value) == 36 and IMAGE_ID.fullmatch(value) is not None
+    return IMAGE_ID.fullmatch(value) is not None
 
 
 def inspect_image(data):
@@ -159,13 +160,10 @@ class Storage:
     def __init__(self, folder):
         self.folder = Path(folder)
 
-    def check(self, min_free_bytes):
-        """Raise StorageUnavailable unless the folder exists, is writable and has room for an upload."""
+    def check(self):
+        """Raise StorageUnavailable unless the folder exists and is writable."""
         if not self.folder.is_dir() or not os.access(self.folder, os.W_OK | os.X_OK):
             raise StorageUnavailable("The uploads folder is missing or not writable.")
-        stats = os.statvfs(self.folder)
-        if stats.f_bavail * stats.f_frsize < min_free_bytes:
-            raise StorageFull("The disk holding the uploads folder is full.")
 
     def remove_temp_files(self):
         """Delete what interrupted writes left behind; return how many files that was."""
@@ -189,8 +187,9 @@ class Storage:
         """Describe a stored image; raise ImageNotFound for an unknown id."""
         for extension in EXTENSIONS.values():
             try:
-                data = self._path(image_id, extension).read_bytes()
-                mtime = self._path(image_id, extension).stat().st_mtime
+                with open(self._path(image_id, extension), "rb") as file:
+                    mtime = os.fstat(file.fileno()).st_mtime
+                    data = file.read()
                 break
             except FileNotFoundError:
                 continue
@@ -198,7 +197,10 @@ class Storage:
                 raise StorageUnavailable("The image could not be read.") from error
         else:
             raise ImageNotFound(f"No image with id {image_id} exists.")
-        info = inspect_image(data)
+        try:
+            info = inspect_image(data)
+        except StorageError as error:  # it was valid when stored: the disk changed under us
+            raise StorageUnavailable("The stored image is damaged.") from error
         return StoredImage(
             image_id,
             info.content_type,
@@ -245,6 +247,7 @@ class Storage:
         concurrent writers of the same file agree on one version.
         """
         temp = self.folder / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
+        created = False
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -258,16 +261,17 @@ class Storage:
                 os.rename(temp, path)
                 created = True
             else:
-                try:
+                with contextlib.suppress(FileExistsError):
                     os.link(temp, path)
                     created = True
-                except FileExistsError:
-                    created = False
                 os.unlink(temp)
             self._sync_folder()
         except OSError as error:
             with contextlib.suppress(OSError):
                 temp.unlink()
+            if created:  # not durable, and the caller will report a failure: take it back
+                with contextlib.suppress(OSError):
+                    path.unlink()
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StorageFull("The disk holding the uploads folder is full.") from error
             raise StorageUnavailable("The uploads folder could not be written.") from error

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 import requests
+from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
 from werkzeug.test import EnvironBuilder, run_wsgi_app
-from werkzeug.wrappers import Request
 
 import analysis
 import app as app_module
 import storage
-from app import create_app, find_file_part
+from app import create_app, find_part
 
 REAL_ID = "3b241101-e2bb-4255-8caf-4136c566a962"
 PINNED_MOCK_OILY = {"image_id": "mock_oily", "skin_type": "Oily", "issues": ["Hyperpigmentation"], "confidence": 0.82}
@@ -55,12 +55,13 @@ def jpeg_segment(marker, payload):
     return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
 
 
-def make_jpeg(width=16, height=8, size=None):
+def make_jpeg(width=16, height=8, size=None, comment=b""):
     """A valid, decodable baseline greyscale JPEG; comment segments pad it to exactly ``size`` bytes."""
     blocks = -(-width // 8) * -(-height // 8)
     head = b"".join(
         [
             b"\xff\xd8",
+            jpeg_segment(0xFE, comment) if comment else b"",
             jpeg_segment(0xE0, b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"),
             jpeg_segment(0xDB, b"\x00" + b"\x01" * 64),
             jpeg_segment(0xC0, struct.pack(">BHHB", 8, height, width, 1) + b"\x01\x11\x00"),
@@ -149,11 +150,6 @@ def test_health_reports_missing_folder(client, uploads):
     assert_problem(client.get("/health"), 503, "storage_unavailable")
 
 
-def test_health_reports_full_disk(client, monkeypatch):
-    monkeypatch.setattr(storage.os, "statvfs", lambda path: os.statvfs_result((4096, 4096, 10, 1, 1, 10, 1, 1, 0, 255)))
-    assert_problem(client.get("/health"), 507, "storage_unavailable")
-
-
 # --- upload --------------------------------------------------------------------
 
 
@@ -197,7 +193,8 @@ def test_upload_reports_human_size(client):
 
 
 @pytest.mark.parametrize(
-    "size, expected", [(0, "0 B"), (786, "786 B"), (999, "999 B"), (1000, "1.00 KB"), (5_242_880, "5.24 MB")]
+    "size, expected",
+    [(0, "0 B"), (786, "786 B"), (999, "999 B"), (1000, "1.00 KB"), (999_999, "1.00 MB"), (5_242_880, "5.24 MB")],
 )
 def test_human_size(size, expected):
     assert app_module.human_size(size) == expected
@@ -249,7 +246,7 @@ def multipart(parts, boundary="b0undary"):
 FILE_HEADERS = b'Content-Disposition: form-data; name="file"; filename="a.png"\r\nContent-Type: image/png'
 BAD_UPLOADS = {
     "no file field": ({"other": (io.BytesIO(make_png()), "a.png")}, 400, "missing_file"),
-    "file is a text field": ({"file": "just text"}, 400, "missing_file"),
+    "file is a text field": ({"file": "just text"}, 400, "unsupported_type"),
     "empty file": ({"file": (io.BytesIO(b""), "a.png")}, 400, "empty_file"),
     "text sent as png": ({"file": (io.BytesIO(b"hello, world"), "a.png", "image/png")}, 400, "unsupported_type"),
     "html renamed png": ({"file": (io.BytesIO(b"<html><script>x</script></html>"), "a.png")}, 400, "unsupported_type"),
@@ -331,6 +328,24 @@ def test_concurrent_uploads_get_distinct_ids_and_intact_files(make_app, uploads)
         assert (uploads / f"{image_id}.jpg").read_bytes() == data
 
 
+def test_file_part_without_filename_is_accepted(client, uploads):
+    body = multipart([(b'Content-Disposition: form-data; name="file"', make_jpeg())])
+    response = client.post(
+        "/upload", headers={"X-API-Key": KEY, "Content-Type": "multipart/form-data; boundary=b0undary"}, data=body
+    )
+    assert response.status_code == 201
+    assert stored_files(uploads) == [response.get_json()["image_id"] + ".jpg"]
+
+
+def test_chunked_body_without_server_support_needs_a_length(client):
+    response = client.post(
+        "/upload",
+        headers={"X-API-Key": KEY, "Content-Type": "multipart/form-data; boundary=b", "Transfer-Encoding": "chunked"},
+        input_stream=io.BytesIO(b"x"),
+    )
+    assert_problem(response, 411, "length_required")
+
+
 @pytest.mark.parametrize("errno_name, status", [("ENOSPC", 507), ("EIO", 503)])
 def test_storage_failure_leaves_nothing_behind(client, uploads, monkeypatch, errno_name, status):
     import errno
@@ -341,6 +356,15 @@ def test_storage_failure_leaves_nothing_behind(client, uploads, monkeypatch, err
     monkeypatch.setattr(storage.os, "fsync", fail)
     body = assert_problem(upload(client, make_jpeg()), status, "storage_unavailable")
     assert str(uploads) not in json.dumps(body)
+    assert list(uploads.iterdir()) == []
+
+
+def test_failed_folder_sync_takes_the_upload_back(client, uploads, monkeypatch):
+    def fail():
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(storage.Storage, "_sync_folder", lambda self: fail())
+    assert_problem(upload(client, make_jpeg()), 503, "storage_unavailable")
     assert list(uploads.iterdir()) == []
 
 
@@ -356,19 +380,30 @@ def test_unfinished_uploads_are_ignored_and_removed_at_start(make_app, uploads):
 # --- multipart parsing, against Werkzeug's own parser ---------------------------
 
 
-def werkzeug_file(body, content_type):
-    environ = EnvironBuilder(method="POST", input_stream=io.BytesIO(body), content_type=content_type,
-                             content_length=len(body)).get_environ()
+def werkzeug_part(body, boundary):
+    """The raw bytes of the first part named ``file``, as Werkzeug's own multipart decoder sees them."""
+    decoder = MultipartDecoder(boundary, max_parts=app_module.MAX_PARTS)
+    found, current, chunks = None, None, []
     try:
-        stored = Request(environ).files.get("file")
-    except Exception:  # Werkzeug refuses some bodies with 413, for example too many parts
+        for piece in (body, None):  # a complete body, then its end
+            decoder.receive_data(piece)
+            while not isinstance(event := decoder.next_event(), (NeedData, Epilogue)):
+                if isinstance(event, (Field, File)):
+                    current, chunks = event.name, []
+                elif isinstance(event, Data):
+                    chunks.append(event.data)
+                    if not event.more_data and current == "file" and found is None:
+                        found = b"".join(chunks)
+            if isinstance(event, Epilogue):
+                return found
+    except Exception:  # ValueError for malformed bodies, RequestEntityTooLarge for too many parts
         return None
-    return None if stored is None else stored.read()
+    return None
 
 
-def our_file(body, boundary):
+def our_part(body, boundary):
     try:
-        found = find_file_part(body, boundary, "file")
+        found = find_part(body, boundary, "file")
     except app_module.MultipartError:
         return None
     return None if found is None else body[found[0] : found[1]]
@@ -441,8 +476,7 @@ def corpus():
 
 @pytest.mark.parametrize("label, boundary, body", list(corpus()), ids=[case[0] for case in corpus()])
 def test_multipart_parser_agrees_with_werkzeug(label, boundary, body):
-    content_type = f'multipart/form-data; boundary="{boundary}"'
-    assert our_file(body, boundary.encode()) == werkzeug_file(body, content_type)
+    assert our_part(body, boundary.encode()) == werkzeug_part(body, boundary.encode())
 
 
 def test_multipart_parser_agrees_with_werkzeug_on_cut_bodies():
@@ -455,7 +489,7 @@ def test_multipart_parser_agrees_with_werkzeug_on_cut_bodies():
     variants = [body[:cut] for cut in range(len(body))]
     variants += [body[:i] + bytes([b]) + body[i + 1 :] for i in range(len(body)) for b in (0x0D, 0x0A, 0x2D, 0x20)]
     for variant in variants:
-        assert our_file(variant, boundary.encode()) == werkzeug_file(variant, "multipart/form-data; boundary=xyz"), variant
+        assert our_part(variant, boundary.encode()) == werkzeug_part(variant, boundary.encode()), variant
 
 
 # --- analyze -------------------------------------------------------------------
@@ -551,6 +585,8 @@ BAD_ANALYZE = {
     "number image_id": (b'{"image_id": 5}', "application/json", "invalid_request"),
     "null image_id": (b'{"image_id": null}', "application/json", "invalid_request"),
     "empty body": (b"", "application/json", "invalid_request"),
+    "deeply nested array": (b"[" * 5000, "application/json", "invalid_request"),
+    "deeply nested value": (b'{"image_id": "x", "a": ' + b"[" * 5000 + b"]" * 5000 + b"}", "application/json", "invalid_request"),
 }
 
 
@@ -679,6 +715,12 @@ def test_protected_routes_need_a_valid_key(client, uploads, prefix, method, path
     assert stored_files(uploads) == []
 
 
+def test_empty_key_file_stops_the_start(uploads):
+    (uploads / storage.KEY_FILE).write_text("\n")
+    with pytest.raises(SystemExit, match="no usable key"):
+        create_app({"UPLOAD_DIR": str(uploads)})
+
+
 def test_unknown_routes_need_a_key_too(client):
     assert_problem(client.get("/nope"), 401, "unauthorized")
 
@@ -767,6 +809,14 @@ def test_json_logs_one_line_per_request_without_the_key(make_app, capsys):
     assert KEY not in json.dumps(lines)
 
 
+def test_request_path_cannot_forge_log_lines(make_app, capsys):
+    client = make_app().test_client()
+    capsys.readouterr()
+    client.get("/a%0Afake_line%09x", headers={"X-API-Key": KEY})
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and not any(line.startswith("fake_line") for line in lines)
+
+
 def test_log_level_filters(make_app, capsys):
     client = make_app(LOG_LEVEL="warning").test_client()
     client.get("/health")
@@ -792,6 +842,7 @@ def test_cors_with_an_origin_list(make_app):
     assert "X-Request-ID" in allowed.headers["Access-Control-Expose-Headers"]
     other = client.get("/health", headers={"Origin": "https://evil.example.com"})
     assert "Access-Control-Allow-Origin" not in other.headers
+    assert "Origin" in other.headers["Vary"]
     assert "Access-Control-Allow-Origin" not in response.headers
 
 
@@ -819,6 +870,8 @@ def test_cors_preflight_needs_no_key(make_app):
         ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
         ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
         ({"UPLOAD_DIR": "/no/such/parent/uploads"}, "UPLOAD_DIR"),
+        ({"UPLOAD_DIR": " "}, "UPLOAD_DIR"),
+        ({"CLIENT_TIMEOUT": "0"}, "CLIENT_TIMEOUT"),
     ],
 )
 def test_bad_settings_stop_the_start_with_one_message(uploads, env, message):
@@ -840,11 +893,10 @@ def test_proxy_fix_uses_forwarded_client(make_app, capsys):
 
 def test_env_file_is_read_but_environment_wins(tmp_path, monkeypatch):
     (tmp_path / ".env").write_text(f"UPLOAD_DIR={tmp_path / 'from_dotenv'}\nAPI_KEY=from-dotenv\nMAX_UPLOAD_BYTES=1234\n")
-    monkeypatch.chdir(tmp_path)
+    environment = {k: v for k, v in os.environ.items() if k not in ("API_KEY", "UPLOAD_DIR")}
+    environment["MAX_UPLOAD_BYTES"] = "4321"
+    monkeypatch.setattr(os, "environ", environment)  # load_dotenv writes here, not to the real one
     monkeypatch.setattr(app_module, "load_dotenv", lambda: __import__("dotenv").load_dotenv(tmp_path / ".env"))
-    monkeypatch.setenv("MAX_UPLOAD_BYTES", "4321")
-    for name in ("API_KEY", "UPLOAD_DIR"):
-        monkeypatch.delenv(name, raising=False)
     app = create_app()
     assert app.config["UPLOAD_DIR"] == tmp_path / "from_dotenv"
     assert app.config["MAX_UPLOAD_BYTES"] == 4321
@@ -1006,3 +1058,134 @@ def test_stalled_upload_is_cut_off_and_discarded(uploads):
 
 def analyze_over_http(server, image_id):
     return requests.post(server.url + "/analyze", headers={"X-API-Key": KEY}, json={"image_id": image_id}, timeout=10)
+
+
+# --- faults against a real gunicorn server ------------------------------------------
+
+
+def worker_pids(server):
+    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text()
+    return [int(pid) for pid in children.split()]
+
+
+def unique_jpeg(size):
+    return make_jpeg(size=size, comment=os.urandom(32))
+
+
+def image_files(folder):
+    return {p.stem: p for p in Path(folder).iterdir() if p.suffix in (".jpg", ".png")}
+
+
+def wait_healthy(server, within=10):
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(server.url + "/health", timeout=2).status_code == 200:
+                return True
+        except requests.RequestException:
+            pass
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.slow
+def test_killed_workers_never_lose_or_corrupt_uploads(uploads):
+    running = Server(uploads, {"API_KEY": KEY, "WEB_CONCURRENCY": "2", "GUNICORN_THREADS": "4"})
+    sent, acknowledged, stop = {}, {}, threading.Event()
+
+    def client(seed):
+        session = requests.Session()
+        session.headers["X-API-Key"] = KEY
+        sizes = [1_000_000, 2_500_000, 5_242_880]
+        for n in range(10_000):
+            if stop.is_set():
+                return
+            data = unique_jpeg(sizes[(seed + n) % len(sizes)])
+            digest = hashlib.sha256(data).hexdigest()
+            sent[digest] = len(data)
+            try:
+                response = session.post(running.url + "/upload", files={"file": ("a.jpg", data)}, timeout=30)
+            except requests.RequestException:
+                continue  # the worker died mid-request: the client never learned an id
+            if response.status_code == 201:
+                acknowledged[response.json()["image_id"]] = digest
+
+    kills = 0
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(client, seed) for seed in range(6)]
+            for _ in range(20):
+                time.sleep(0.4)
+                pids = worker_pids(running)
+                os.kill(pids[kills % len(pids)], signal.SIGKILL)
+                kills += 1
+                assert wait_healthy(running), "the service stopped answering after a kill"
+            stop.set()
+            for future in futures:
+                future.result()
+    finally:
+        stop.set()
+        running.stop()
+
+    assert kills >= 20 and len(acknowledged) >= 20
+    files = image_files(uploads)
+    for image_id, digest in acknowledged.items():
+        assert hashlib.sha256(files[image_id].read_bytes()).hexdigest() == digest
+    # A worker killed after the rename but before its 201 left leaves a complete file whose id
+    # nobody learned; it must still be exactly one of the uploads sent, never a partial one.
+    for image_id in set(files) - set(acknowledged):
+        assert hashlib.sha256(files[image_id].read_bytes()).hexdigest() in sent
+    Server(uploads, {"API_KEY": KEY}).stop()  # the next start removes what the kills left
+    assert not [p for p in uploads.iterdir() if p.name.startswith(storage.TEMP_PREFIX)]
+
+
+@pytest.mark.slow
+def test_server_killed_outright_keeps_everything_acknowledged(uploads):
+    running = Server(uploads, {"API_KEY": KEY})
+    session = requests.Session()
+    session.headers["X-API-Key"] = KEY
+    results = {}
+    for _ in range(20):
+        data = unique_jpeg(200_000)
+        image_id = session.post(running.url + "/upload", files={"file": ("a.jpg", data)}, timeout=10).json()["image_id"]
+        results[image_id] = (data, session.post(running.url + "/analyze", json={"image_id": image_id}, timeout=10).content)
+    for pid in [running.process.pid, *worker_pids(running)]:
+        os.kill(pid, signal.SIGKILL)
+    running.process.wait()
+    restarted = Server(uploads, {"API_KEY": KEY})
+    try:
+        for image_id, (data, analysis_body) in results.items():
+            assert (uploads / f"{image_id}.jpg").read_bytes() == data
+            response = session.post(restarted.url + "/analyze", json={"image_id": image_id}, timeout=10)
+            assert response.content == analysis_body
+    finally:
+        restarted.stop()
+
+
+@pytest.mark.slow
+def test_concurrent_uploads_and_analyses_across_workers(uploads):
+    running = Server(uploads, {"API_KEY": KEY, "WEB_CONCURRENCY": "3"})
+    try:
+        images = [unique_jpeg(50_000) for _ in range(64)]
+
+        def send(data):
+            response = requests.post(running.url + "/upload", headers={"X-API-Key": KEY},
+                                     files={"file": ("a.jpg", data)}, timeout=30)
+            return response.status_code, response.json()["image_id"]
+
+        with ThreadPoolExecutor(64) as pool:
+            uploaded = list(pool.map(send, images))
+        assert {status for status, _ in uploaded} == {201}
+        assert len({image_id for _, image_id in uploaded}) == 64
+        for (_, image_id), data in zip(uploaded, images):
+            assert (uploads / f"{image_id}.jpg").read_bytes() == data
+
+        target = uploaded[0][1]
+        with ThreadPoolExecutor(50) as pool:
+            bodies = list(pool.map(lambda _: analyze_over_http(running, target).content, range(200)))
+        assert len(set(bodies)) == 1
+        assert (uploads / f"{target}.json").read_bytes() == bodies[0]
+        assert json.loads(bodies[0])["image_id"] == target
+        assert not [p for p in uploads.iterdir() if p.name.startswith(storage.TEMP_PREFIX)]
+    finally:
+        running.stop()
