@@ -213,20 +213,26 @@ class Storage:
 
     def analysis(self, image_id, analyze):
         """Return ``(record, created)``: the stored analysis bytes, made by ``analyze(image_id)`` on first use."""
-        record_path = self._path(image_id, ".json")
-        try:
-            return record_path.read_bytes(), False
-        except FileNotFoundError:
-            pass
-        except OSError as error:
-            raise StorageUnavailable("The analysis record could not be read.") from error
+        record = self.stored_analysis(image_id)
+        if record is not None:
+            return record, False
         if not self.has_image(image_id):
             raise ImageNotFound(f"No image with id {image_id} exists.")
         record = analyze(image_id)
+        record_path = self._path(image_id, ".json")
         if self._write_new(record_path, record, replace=False):
             return record, True
         # Another worker stored it first: theirs is the record of this image.
         return record_path.read_bytes(), False
+
+    def stored_analysis(self, image_id):
+        """The stored analysis of an image, or None when it has none yet."""
+        try:
+            return self._path(image_id, ".json").read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            raise StorageUnavailable("The analysis record could not be read.") from error
 
     def api_key(self):
         """Return ``(key, path)`` of the key made on first start, shared by every worker and restart."""

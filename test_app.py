@@ -539,6 +539,54 @@ def test_analyze_is_stored_and_survives_a_logic_change(client, uploads, image_id
     assert analyze(client, image_id).data == first
 
 
+def call_wsgi(wsgi_app, image_id, headers=None, stream=None):
+    body = json.dumps({"image_id": image_id}).encode()
+    environ = EnvironBuilder(path="/analyze", method="POST", data=body,
+                             headers={"X-API-Key": KEY, "X-Request-ID": "fixed", **(headers or {})}).get_environ()
+    if stream is not None:
+        environ["wsgi.input"] = stream
+    chunks, status, response_headers = run_wsgi_app(wsgi_app, environ, buffered=True)
+    return status, dict(response_headers), b"".join(chunks)
+
+
+def test_stored_analysis_shortcut_answers_exactly_as_flask(make_app, capsys):
+    app = make_app()
+    client = app.test_client()
+    image_id = upload(client, make_jpeg()).get_json()["image_id"]
+    analyze(client, image_id)
+    shortcut = app.wsgi_app
+    assert isinstance(shortcut, app_module.StoredAnalysisShortcut)
+    capsys.readouterr()
+    fast = call_wsgi(shortcut, image_id)
+    fast_log = capsys.readouterr().out
+    slow = call_wsgi(shortcut.flask, image_id)
+    slow_log = capsys.readouterr().out
+    assert fast == slow and fast[0] == "200 OK"
+    strip = lambda log: re.sub(r"\S*T\S*Z|duration_ms=\S+", "", log)
+    assert strip(fast_log) == strip(slow_log)
+    assert "result=stored" in fast_log and "request_id=fixed" in fast_log
+
+
+class Stalled(io.RawIOBase):
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        raise TimeoutError("timed out")
+
+
+def test_stored_analysis_shortcut_leaves_errors_to_flask(make_app):
+    app = make_app()
+    image_id = upload(app.test_client(), make_jpeg()).get_json()["image_id"]
+    analyze(app.test_client(), image_id)
+    status, headers, body = call_wsgi(app.wsgi_app, image_id, stream=Stalled())
+    assert status.startswith("408") and json.loads(body)["code"] == "request_timeout"
+    status, headers, body = call_wsgi(app.wsgi_app, image_id, headers={"X-API-Key": "wrong"})
+    assert status.startswith("401") and headers["Content-Type"] == "application/problem+json"
+    status, _, body = call_wsgi(app.wsgi_app, str(uuid.uuid4()))
+    assert status.startswith("404") and json.loads(body)["code"] == "image_not_found"
+
+
 def test_images_and_analyses_persist_across_restart(make_app, uploads):
     client = make_app().test_client()
     image_id = upload(client, make_png()).get_json()["image_id"]
