@@ -75,30 +75,17 @@ def create_app(env=None):
     settings = {**DEFAULTS, **{key: value for key, value in env.items() if key in DEFAULTS or key == "API_KEY"}}
     try:
         config = _parse_config(settings)
+        _configure_logging(config["LOG_LEVEL"], config["LOG_FORMAT"])
+        folder = storage.Storage(config["UPLOAD_DIR"])
+        keys = _open_folder(folder, config["API_KEYS"])
     except ConfigError as error:
         raise SystemExit(f"Configuration error: {error}") from None
-    _configure_logging(config["LOG_LEVEL"], config["LOG_FORMAT"])
 
     app = Flask(__name__)
     app.config.update(config)
-    app.config["API_KEYS"] = tuple(key.encode() for key in config["API_KEYS"])
+    app.config["API_KEYS"] = tuple(key.encode() for key in keys)
     app.config["MAX_CONTENT_LENGTH"] = config["MAX_UPLOAD_BYTES"] + ENVELOPE_BYTES
     app.json.sort_keys = False  # keep documented field order
-
-    folder = storage.Storage(config["UPLOAD_DIR"])
-    try:
-        removed = folder.remove_temp_files()
-        if not config["API_KEYS"]:
-            key, path = folder.api_key()
-    except (storage.StorageError, OSError) as error:
-        raise SystemExit(f"Configuration error: UPLOAD_DIR {str(folder.folder)!r} is not usable: {error}") from None
-    if removed:
-        _event(logging.WARNING, "removed unfinished uploads", count=removed)
-    if not config["API_KEYS"]:
-        if len(key) < storage.MIN_KEY_LENGTH:
-            raise SystemExit(f"Configuration error: {path} holds no usable key; delete it to generate a new one.")
-        app.config["API_KEYS"] = (key.encode(),)
-        log.warning("API_KEY is not set: using the generated key kept in %s (show it with: cat %s)", path, path)
     app.extensions["storage"] = folder
 
     app.register_blueprint(api)
@@ -121,6 +108,23 @@ def create_app(env=None):
         api_keys=len(app.config["API_KEYS"]),
     )
     return app
+
+
+def _open_folder(folder, keys):
+    """Clear what a crash left in the uploads folder; return the API keys, generating one if none is set."""
+    try:
+        removed = folder.remove_temp_files()
+        key, path = (None, None) if keys else folder.api_key()
+    except (storage.StorageError, OSError) as error:
+        raise ConfigError(f"UPLOAD_DIR {str(folder.folder)!r} is not usable: {error}") from None
+    if removed:
+        _event(logging.WARNING, "removed unfinished uploads", count=removed)
+    if keys:
+        return keys
+    if len(key) < storage.MIN_KEY_LENGTH:
+        raise ConfigError(f"{path} holds no usable key; delete it to generate a new one.")
+    log.warning("API_KEY is not set: using the generated key kept in %s (show it with: cat %s)", path, path)
+    return (key,)
 
 
 def _parse_config(settings):
@@ -187,7 +191,9 @@ class _Formatter(logging.Formatter):
 
 def _logfmt(value):
     text = str(value)
-    return text if _LOGFMT_BARE.fullmatch(text) else json.dumps(text)
+    if type(value) in (int, float) or _LOGFMT_BARE.fullmatch(text):
+        return text
+    return json.dumps(text)
 
 
 def _configure_logging(level, log_format):
@@ -201,7 +207,7 @@ def _configure_logging(level, log_format):
 def _event(level, message, **fields):
     if log.isEnabledFor(level):
         # Straight to the handlers: log.log() would also walk the stack for a caller no line shows.
-        log.handle(log.makeRecord(log.name, level, __file__, 0, message, (), None, extra={"fields": fields}))
+        log.handle(log.makeRecord(log.name, level, "", 0, message, (), None, extra={"fields": fields}))
 
 
 # --- request lifecycle -------------------------------------------------------
@@ -289,14 +295,17 @@ def _after_request(response):
     response.headers["X-Request-ID"] = g.request_id
     if current_app.config["CORS_ORIGINS"]:
         _add_cors_headers(response)
-    _log_request(request.method, request.path, response.status_code, g.started, g.request_id, request.remote_addr)
+    fields = g.get("log_fields", {})
+    _log_request(request.method, request.path, response.status_code, g.started, g.request_id, request.remote_addr, fields)
     return response
 
 
-def _log_request(method, path, status, started, request_id, client):
+def _log_request(method, path, status, started, request_id, client, fields):
+    """The one line per request, carrying what it did: INFO, WARNING for refused input, ERROR for failures."""
+    level = logging.ERROR if status >= 500 else logging.WARNING if status >= 400 else logging.INFO
     duration_ms = round((time.perf_counter() - started) * 1000, 2)
-    _event(logging.INFO, "request", method=method, path=path, status=status, duration_ms=duration_ms,
-           request_id=request_id, client=client)
+    _event(level, "request", method=method, path=path, status=status, duration_ms=duration_ms,
+           request_id=request_id, client=client, **fields)
 
 
 # --- errors ------------------------------------------------------------------
@@ -308,8 +317,7 @@ def _problem_response(error):
         return error
     status = error.code
     code = getattr(error, "error_code", None) or re.sub(r"\W+", "_", error.name.lower()).strip("_")
-    if status < 500:
-        _event(logging.WARNING, "request rejected", status=status, code=code, request_id=g.get("request_id"))
+    g.log_fields = {"code": code}
     body = {
         "type": "about:blank",
         "title": HTTP_STATUS_CODES.get(status, "Error"),
@@ -356,15 +364,13 @@ def upload():
     if not data:
         raise ApiError(400, "empty_file", "The uploaded file is empty.")
     stored = _storage().save_image(data)
-    _event(
-        logging.INFO,
-        "image stored",
-        image_id=stored.image_id,
-        bytes=stored.size_bytes,
-        type=stored.content_type,
-        width=stored.width,
-        height=stored.height,
-    )
+    g.log_fields = {
+        "image_id": stored.image_id,
+        "bytes": stored.size_bytes,
+        "type": stored.content_type,
+        "width": stored.width,
+        "height": stored.height,
+    }
     return _image_body(stored), 201, {"Location": url_for(".image", image_id=stored.image_id)}
 
 
@@ -388,7 +394,7 @@ def analyze():
         _check_image_id(image_id)
         record, created = _storage().analysis(image_id, _analysis_record)
         result = "new" if created else "stored"
-    _event(logging.INFO, "image analyzed", image_id=image_id, result=result)
+    g.log_fields = {"image_id": image_id, "analysis": result}
     return Response(record, mimetype="application/json")
 
 
@@ -555,8 +561,8 @@ class StoredAnalysisShortcut:
         request_id = _request_id(environ)
         headers = [("Content-Type", "application/json"), ("Content-Length", str(len(record))), ("X-Request-ID", request_id)]
         start_response("200 OK", headers)
-        _event(logging.INFO, "image analyzed", image_id=image_id, result="stored")
-        _log_request("POST", environ["PATH_INFO"], 200, started, request_id, environ.get("REMOTE_ADDR"))
+        fields = {"image_id": image_id, "analysis": "stored"}
+        _log_request("POST", environ["PATH_INFO"], 200, started, request_id, environ.get("REMOTE_ADDR"), fields)
         return [record]
 
     def _stored(self, image_id):

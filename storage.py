@@ -181,7 +181,7 @@ class Storage:
         return StoredImage(image_id, info.content_type, len(data), info.width, info.height)
 
     def has_image(self, image_id):
-        return any(self._path(image_id, ext).exists() for ext in EXTENSIONS.values())
+        return any(os.path.exists(self._path(image_id, ext)) for ext in EXTENSIONS.values())
 
     def image(self, image_id):
         """Describe a stored image; raise ImageNotFound for an unknown id."""
@@ -208,7 +208,7 @@ class Storage:
             info.width,
             info.height,
             uploaded_at=datetime.fromtimestamp(int(mtime), timezone.utc),
-            analyzed=self._path(image_id, ".json").exists(),
+            analyzed=os.path.exists(self._path(image_id, ".json")),
         )
 
     def analysis(self, image_id, analyze):
@@ -223,12 +223,13 @@ class Storage:
         if self._write_new(record_path, record, replace=False):
             return record, True
         # Another worker stored it first: theirs is the record of this image.
-        return record_path.read_bytes(), False
+        return self.stored_analysis(image_id), False
 
     def stored_analysis(self, image_id):
         """The stored analysis of an image, or None when it has none yet."""
         try:
-            return self._path(image_id, ".json").read_bytes()
+            with open(self._path(image_id, ".json"), "rb") as file:
+                return file.read()
         except FileNotFoundError:
             return None
         except OSError as error:
@@ -244,7 +245,8 @@ class Storage:
 
     def _path(self, image_id, extension):
         # Only ids that passed is_image_id() reach here: they cannot name another folder.
-        return self.folder / f"{image_id}{extension}"
+        # A plain string: pathlib's parsing is a visible share of a repeat analysis.
+        return f"{self.folder}/{image_id}{extension}"
 
     def _write_new(self, path, data, replace):
         """Write ``data`` to ``path`` atomically and durably.
@@ -277,7 +279,7 @@ class Storage:
                 temp.unlink()
             if created:  # not durable, and the caller will report a failure: take it back
                 with contextlib.suppress(OSError):
-                    path.unlink()
+                    os.unlink(path)
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StorageFull("The disk holding the uploads folder is full.") from error
             raise StorageUnavailable("The uploads folder could not be written.") from error
