@@ -1,0 +1,50 @@
+"""Bare-WSGI ceiling: the least work gunicorn can do per route, the upper bound the service is compared to."""
+
+import json
+import os
+import uuid
+
+UPLOAD_DIR = os.environ.get("UPLOAD_DIR", "uploads")
+ANALYSIS = json.dumps(
+    {"image_id": "00000000-0000-4000-8000-000000000000", "skin_type": "Oily", "issues": [], "confidence": 0.8}
+).encode()
+
+
+def app(environ, start_response):
+    """Answer /health, /analyze and /upload with small fixed JSON; /upload stores the body durably first."""
+    method, path = environ["REQUEST_METHOD"], environ["PATH_INFO"]
+    if method == "GET" and path == "/health":
+        return _json(start_response, "200 OK", b'{"status":"healthy"}')
+    if method != "POST" or path not in ("/analyze", "/upload"):
+        return _json(start_response, "404 Not Found", b'{"error":"not found"}')
+    # Read the whole body in one call, as the service does, so both pay the same copy.
+    body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+    if path == "/analyze":
+        return _json(start_response, "200 OK", ANALYSIS)
+    image_id = str(uuid.uuid4())
+    _store(body, f"{image_id}.jpg")
+    return _json(start_response, "201 Created", json.dumps({"image_id": image_id}).encode())
+
+
+def _json(start_response, status, body):
+    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def _store(data, name):
+    """Write ``data`` the service's durable way: temp file, fsync, rename, fsync the folder."""
+    temp = os.path.join(UPLOAD_DIR, f".tmp-{uuid.uuid4().hex}")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(temp, os.path.join(UPLOAD_DIR, name))
+    folder = os.open(UPLOAD_DIR, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
