@@ -81,7 +81,7 @@ def create_app(env=None):
     except ConfigError as error:
         raise SystemExit(f"Configuration error: {error}") from None
 
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)
     app.config.update(config)
     app.config["API_KEYS"] = tuple(key.encode() for key in keys)
     app.config["MAX_CONTENT_LENGTH"] = config["MAX_UPLOAD_BYTES"] + ENVELOPE_BYTES
@@ -228,8 +228,12 @@ def _before_request():
     environ = request.environ
     _bound_socket(environ, current_app.config["CLIENT_TIMEOUT"])
     g.request_id = _request_id(environ)
-    if request.method == "OPTIONS":
-        return _preflight() if "HTTP_ACCESS_CONTROL_REQUEST_METHOD" in environ else None
+    if (
+        request.method == "OPTIONS"
+        and "HTTP_ACCESS_CONTROL_REQUEST_METHOD" in environ
+        and current_app.config["CORS_ORIGINS"]
+    ):
+        return _preflight()
     view = current_app.view_functions.get(request.endpoint)
     if not getattr(view, "public", False) and not _key_is_valid(environ, current_app.config["API_KEYS"]):
         raise ApiError(
@@ -391,7 +395,7 @@ def analyze():
     if analysis.fixture_skin_type(image_id):
         record, result = _analysis_record(image_id), "fixture"
     else:
-        _check_image_id(image_id)
+        _check_image_id(image_id, fixtures_too=True)
         record, created = _storage().analysis(image_id, _analysis_record)
         result = "new" if created else "stored"
     g.log_fields = {"image_id": image_id, "analysis": result}
@@ -405,13 +409,11 @@ def _storage():
     return current_app.extensions["storage"]
 
 
-def _check_image_id(image_id):
+def _check_image_id(image_id, fixtures_too=False):
     if not storage.is_image_id(image_id):
-        raise ApiError(
-            400,
-            "invalid_image_id",
-            "image_id must be an id returned by /upload (a lowercase UUID) or a fixture id such as mock_oily.",
-        )
+        also = " or a fixture id such as mock_oily" if fixtures_too else ""
+        detail = f"image_id must be an id returned by /upload (a lowercase UUID){also}."
+        raise ApiError(400, "invalid_image_id", detail)
 
 
 def _analyze_image_id():
@@ -464,6 +466,7 @@ def human_size(size):
 
 def _read_file_part():
     """Return the bytes of the multipart field ``file``, reading the body once and into memory."""
+    body = _read_body(current_app.config["MAX_CONTENT_LENGTH"], _file_too_large())
     if request.mimetype != "multipart/form-data":
         raise ApiError(
             400, "missing_file", "Send the image as multipart/form-data with the file in a field named 'file'."
@@ -471,7 +474,6 @@ def _read_file_part():
     boundary = request.mimetype_params.get("boundary", "")
     if not 0 < len(boundary) <= 200 or not boundary.isascii():
         raise MultipartError("the Content-Type has no usable boundary")
-    body = _read_body(current_app.config["MAX_CONTENT_LENGTH"], _file_too_large())
     part = find_part(body, boundary.encode(), "file")
     if part is None:
         raise ApiError(400, "missing_file", "The request has no multipart field named 'file'.")
@@ -509,8 +511,10 @@ def _receive(environ, length, limit):
         body = environ["wsgi.input"].read(limit + 1 if length is None else length)
     except TimeoutError:
         return b"", ApiError(408, "request_timeout", "The client stopped sending its request body.")
-    except OSError:
-        body = b""  # the client went away; the answer below is for the case it still listens
+    except OSError:  # the client went away mid-body; the answer is for the case it still listens
+        return b"", ApiError(400, "incomplete_body", "The request body ended before it was complete.")
+    except Exception:  # the server's own parse errors, such as gunicorn's for bad chunked encoding
+        return b"", ApiError(400, "invalid_body", "The request body's transfer encoding is malformed.")
     if length is not None and len(body) < length:
         return body, ApiError(400, "incomplete_body", "The request body ended before its declared Content-Length.")
     return body, None

@@ -894,6 +894,11 @@ def test_cors_with_an_origin_list(make_app):
     assert "Access-Control-Allow-Origin" not in response.headers
 
 
+def test_options_needs_a_key_without_cors(client):
+    response = client.options("/upload", headers={"Origin": "https://x.example", "Access-Control-Request-Method": "POST"})
+    assert_problem(response, 401, "unauthorized")
+
+
 def test_cors_preflight_needs_no_key(make_app):
     client = make_app(CORS_ORIGINS="*").test_client()
     response = client.options(
@@ -1237,3 +1242,39 @@ def test_concurrent_uploads_and_analyses_across_workers(uploads):
         assert not [p for p in uploads.iterdir() if p.name.startswith(storage.TEMP_PREFIX)]
     finally:
         running.stop()
+
+
+def raw_request(server, data, shut_write=False):
+    """Send raw bytes to the server and return its whole answer."""
+    host, port = server.url.rsplit("/", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(data)
+        if shut_write:
+            connection.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+            if b"\r\n\r\n" in answer and b'"code"' in answer:
+                break
+        return answer
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "body, shut_write, code",
+    [
+        (b"zz\r\nabc\r\n0\r\n\r\n", False, "invalid_body"),
+        (b"5\r\nabcdefgh\r\n0\r\n\r\n", False, "invalid_body"),
+        (b"100\r\nabc", True, "incomplete_body"),
+    ],
+    ids=["bad chunk size", "missing chunk terminator", "cut off"],
+)
+def test_broken_chunked_bodies_are_4xx(server, uploads, body, shut_write, code):
+    head = (
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nX-API-Key: %s\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: multipart/form-data; boundary=b\r\n\r\n" % KEY.encode()
+    )
+    answer = raw_request(server, head + body, shut_write)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert b'"code":"%s"' % code.encode() in answer
+    assert stored_files(uploads) == []
