@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 from dotenv import load_dotenv
-from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, url_for
+import swagger_ui_bundle
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, send_from_directory, url_for
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES, parse_options_header
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -38,8 +39,30 @@ _LOGFMT_BARE = re.compile(r'[!#-<>-\[\]-~]+')
 CORS_ALLOW_HEADERS = "Content-Type, X-API-Key, X-Request-ID"
 CORS_EXPOSE_HEADERS = "Location, X-Request-ID"
 
+OPENAPI_FILE = Path(__file__).with_name("openapi.json")
+# The Swagger UI files /docs needs, served from the pinned package: no CDN, works offline.
+DOCS_ASSETS = frozenset({"swagger-ui.css", "swagger-ui-bundle.js", "favicon-32x32.png"})
+DOCS_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>Skin analysis API</title>
+<link rel="stylesheet" href="/docs/swagger-ui.css">
+<link rel="icon" type="image/png" href="/docs/favicon-32x32.png">
+</head>
+<body>
+<div id="swagger-ui"></div>
+<script src="/docs/swagger-ui-bundle.js"></script>
+<script>
+window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui", persistAuthorization: true});
+</script>
+</body>
+</html>
+"""
+
 log = logging.getLogger(__name__)
 api = Blueprint("api", __name__)
+docs = Blueprint("docs", __name__)
 
 
 class ConfigError(ValueError):
@@ -90,6 +113,7 @@ def create_app(env=None):
 
     app.register_blueprint(api)
     app.register_blueprint(api, url_prefix="/api/v1", name="v1")
+    app.register_blueprint(docs)
     app.before_request(_before_request)
     app.after_request(_after_request)
     app.register_error_handler(HTTPException, _problem_response)
@@ -400,6 +424,26 @@ def analyze():
         result = "new" if created else "stored"
     g.log_fields = {"image_id": image_id, "analysis": result}
     return Response(record, mimetype="application/json")
+
+
+@docs.get("/openapi.json")
+@public
+def openapi_document():
+    return send_from_directory(OPENAPI_FILE.parent, OPENAPI_FILE.name, mimetype="application/json")
+
+
+@docs.get("/docs")
+@public
+def docs_page():
+    return Response(DOCS_PAGE, mimetype="text/html")
+
+
+@docs.get("/docs/<asset>")
+@public
+def docs_asset(asset):
+    if asset not in DOCS_ASSETS:
+        raise ApiError(404, "not_found", "No such documentation file.")
+    return send_from_directory(swagger_ui_bundle.swagger_ui_path, asset, max_age=86400)
 
 
 # --- helpers -----------------------------------------------------------------

@@ -1278,3 +1278,80 @@ def test_broken_chunked_bodies_are_4xx(server, uploads, body, shut_write, code):
     assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
     assert b'"code":"%s"' % code.encode() in answer
     assert stored_files(uploads) == []
+
+
+# --- OpenAPI document and interactive docs ------------------------------------------
+
+
+def test_openapi_document_is_served_and_covers_every_route(client):
+    response = client.get("/openapi.json")
+    assert response.status_code == 200 and response.mimetype == "application/json"
+    document = response.get_json()
+    assert document == json.loads((HERE / "openapi.json").read_text())
+    assert document["openapi"].startswith("3.1")
+    documented = {(path, method) for path, item in document["paths"].items() for method in item}
+    for rule in client.application.url_map.iter_rules():
+        path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            if path != "/docs/{asset}":
+                assert (path, method.lower()) in documented or ("$ref" in document["paths"].get(path, {}))
+
+
+def test_openapi_document_lists_every_error_code_the_readme_does():
+    codes = set(re.findall(r"^\| \d{3} \| `(\w+)` \|", (HERE / "README.md").read_text(), re.M))
+    assert codes and codes <= set(re.findall(r'"(\w+)"', (HERE / "openapi.json").read_text()))
+
+
+def test_openapi_does_not_promise_refusals_the_service_does_not_make():
+    """Found by schemathesis: insane request ids are replaced, and ?image_id= is ignored when there is a body."""
+    components = json.loads((HERE / "openapi.json").read_text())["components"]["parameters"]
+    assert components["RequestId"]["schema"] == {"type": "string"}
+    assert components["ImageIdQuery"]["schema"] == {"type": "string"}
+
+
+def test_query_image_id_is_ignored_when_there_is_a_body(client):
+    response = client.post("/analyze?image_id=../x", headers={"X-API-Key": KEY}, json={"image_id": "mock_dry"})
+    assert response.status_code == 200 and response.get_json()["skin_type"] == "Dry"
+
+
+@pytest.mark.parametrize("path", ["/docs", "/docs/swagger-ui.css", "/docs/swagger-ui-bundle.js"])
+def test_docs_are_served_locally_without_a_key(client, path):
+    response = client.get(path)
+    assert response.status_code == 200
+    if path == "/docs":
+        assert b"/docs/swagger-ui-bundle.js" in response.data and b"/openapi.json" in response.data
+        assert b"http" not in response.data  # nothing from a CDN
+
+
+@pytest.mark.parametrize("asset", ["index.html", "..%2Fapp.py", "swagger-initializer.js", "app.py"])
+def test_docs_serve_nothing_else(client, asset):
+    assert client.get(f"/docs/{asset}").status_code in (401, 404)
+
+
+@pytest.mark.slow
+def test_docs_render_and_try_it_out_in_a_real_browser(server):
+    if not shutil.which("chromium"):
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs it")
+        pytest.skip("needs Debian's chromium (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--no-first-run"]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=flags)
+        try:
+            page = browser.new_page()
+            page.goto(server.url + "/docs")
+            page.wait_for_selector(".opblock", timeout=20_000)
+            paths = set(page.locator(".opblock-summary-path").all_inner_texts())
+            assert {"/health", "/upload", "/analyze", "/images/{image_id}", "/api/v1/analyze"} <= paths
+            health = page.locator("#operations-Health-get_health")
+            health.locator(".opblock-summary").click()
+            health.locator("button.try-out__btn").click()
+            health.locator("button.execute").click()
+            status = health.locator(".live-responses-table tbody .response-col_status").first
+            status.wait_for(timeout=10_000)
+            assert status.inner_text().strip() == "200"
+        finally:
+            browser.close()
