@@ -973,7 +973,8 @@ class Server:
             self.log.seek(0)
             match = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", self.log.read())
             if match:
-                self.url = f"http://127.0.0.1:{match[1]}"
+                self.port = int(match[1])
+                self.url = f"http://127.0.0.1:{self.port}"
                 break
             assert self.process.poll() is None, "gunicorn exited"
             time.sleep(0.05)
@@ -981,6 +982,12 @@ class Server:
             raise AssertionError("gunicorn did not start")
         while requests.get(self.url + "/health", timeout=5).status_code != 200:
             time.sleep(0.05)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *error):
+        self.stop()
 
     def stop(self):
         self.process.send_signal(signal.SIGTERM)
@@ -994,9 +1001,8 @@ class Server:
 
 @pytest.fixture
 def server(uploads):
-    running = Server(uploads, {"API_KEY": KEY})
-    yield running
-    running.stop()
+    with Server(uploads, {"API_KEY": KEY}) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -1073,8 +1079,7 @@ def test_chunked_upload_over_the_limit_gets_413(server, uploads):
 def test_workers_agree_on_the_generated_key(uploads, preload):
     args = ["--workers", "4"] + ([] if preload else ["--config", os.devnull, "--worker-class", "gthread",
                                                       "app:create_app()"])
-    running = Server(uploads, args=args)
-    try:
+    with Server(uploads, args=args) as running:
         key = (uploads / storage.KEY_FILE).read_text()
         statuses = set()
         for _ in range(40):  # new connections, spread over the workers
@@ -1082,17 +1087,13 @@ def test_workers_agree_on_the_generated_key(uploads, preload):
                                      json={"image_id": "mock_oily"}, timeout=10)
             statuses.add(response.status_code)
         assert statuses == {200}
-    finally:
-        running.stop()
 
 
 @pytest.mark.slow
 def test_stalled_upload_is_cut_off_and_discarded(uploads):
-    running = Server(uploads, {"API_KEY": KEY, "CLIENT_TIMEOUT": "1"})
-    try:
+    with Server(uploads, {"API_KEY": KEY, "CLIENT_TIMEOUT": "1"}) as running:
         body = multipart([(FILE_HEADERS, make_png())])
-        host, port = running.url.rsplit("/", 1)[1].split(":")
-        stalled = socket.create_connection((host, int(port)), timeout=10)
+        stalled = socket.create_connection(("127.0.0.1", running.port), timeout=10)
         stalled.sendall(
             b"POST /upload HTTP/1.1\r\nHost: x\r\nX-API-Key: %s\r\nContent-Length: %d\r\n"
             b"Content-Type: multipart/form-data; boundary=b0undary\r\n\r\n%s" % (KEY.encode(), len(body), body[:50])
@@ -1105,8 +1106,6 @@ def test_stalled_upload_is_cut_off_and_discarded(uploads):
         assert time.monotonic() - started < 5
         stalled.close()
         assert stored_files(uploads) == []
-    finally:
-        running.stop()
 
 
 def analyze_over_http(server, image_id):
@@ -1205,20 +1204,16 @@ def test_server_killed_outright_keeps_everything_acknowledged(uploads):
     for pid in [running.process.pid, *worker_pids(running)]:
         os.kill(pid, signal.SIGKILL)
     running.process.wait()
-    restarted = Server(uploads, {"API_KEY": KEY})
-    try:
+    with Server(uploads, {"API_KEY": KEY}) as restarted:
         for image_id, (data, analysis_body) in results.items():
             assert (uploads / f"{image_id}.jpg").read_bytes() == data
             response = session.post(restarted.url + "/analyze", json={"image_id": image_id}, timeout=10)
             assert response.content == analysis_body
-    finally:
-        restarted.stop()
 
 
 @pytest.mark.slow
 def test_concurrent_uploads_and_analyses_across_workers(uploads):
-    running = Server(uploads, {"API_KEY": KEY, "WEB_CONCURRENCY": "3"})
-    try:
+    with Server(uploads, {"API_KEY": KEY, "WEB_CONCURRENCY": "3"}) as running:
         images = [unique_jpeg(50_000) for _ in range(64)]
 
         def send(data):
@@ -1240,14 +1235,11 @@ def test_concurrent_uploads_and_analyses_across_workers(uploads):
         assert (uploads / f"{target}.json").read_bytes() == bodies[0]
         assert json.loads(bodies[0])["image_id"] == target
         assert not [p for p in uploads.iterdir() if p.name.startswith(storage.TEMP_PREFIX)]
-    finally:
-        running.stop()
 
 
 def raw_request(server, data, shut_write=False):
     """Send raw bytes to the server and return its whole answer."""
-    host, port = server.url.rsplit("/", 1)[1].split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as connection:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection:
         connection.sendall(data)
         if shut_write:
             connection.shutdown(socket.SHUT_WR)
