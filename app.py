@@ -382,7 +382,7 @@ def _unexpected_error(error):
 @api.get("/health")
 @public
 def health():
-    _storage().check()
+    _storage().check(min_free_bytes=current_app.config["MAX_UPLOAD_BYTES"])
     return {"status": "healthy"}
 
 

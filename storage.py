@@ -160,10 +160,13 @@ class Storage:
     def __init__(self, folder):
         self.folder = Path(folder)
 
-    def check(self):
-        """Raise StorageUnavailable unless the folder exists and is writable."""
+    def check(self, min_free_bytes):
+        """Raise StorageUnavailable unless the folder exists, is writable and has room for an upload."""
         if not self.folder.is_dir() or not os.access(self.folder, os.W_OK | os.X_OK):
             raise StorageUnavailable("The uploads folder is missing or not writable.")
+        stats = os.statvfs(self.folder)
+        if stats.f_bavail * stats.f_frsize < min_free_bytes:
+            raise StorageUnavailable("The disk holding the uploads folder is full.")
 
     def remove_temp_files(self):
         """Delete what interrupted writes left behind; return how many files that was."""

@@ -11,6 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -148,6 +149,12 @@ def test_health_needs_no_key(client, path):
 def test_health_reports_missing_folder(client, uploads):
     shutil.rmtree(uploads)
     assert_problem(client.get("/health"), 503, "storage_unavailable")
+
+
+def test_health_reports_a_disk_too_full_for_one_more_upload(client, monkeypatch):
+    full = os.statvfs_result((4096, 4096, 1000, 10, 10, 1000, 10, 10, 0, 255))
+    monkeypatch.setattr(storage.os, "statvfs", lambda path: full)
+    assert "full" in assert_problem(client.get("/health"), 503, "storage_unavailable")["detail"]
 
 
 # --- upload --------------------------------------------------------------------
@@ -966,7 +973,7 @@ class Server:
         environment = {k: v for k, v in os.environ.items() if k not in ("API_KEY", "PORT", "WEB_CONCURRENCY")}
         environment.update({"UPLOAD_DIR": str(folder), **(env or {})})
         command = [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "--bind", "127.0.0.1:0", *args]
-        self.log = open(Path(folder).parent / "gunicorn.log", "w+")
+        self.log = tempfile.TemporaryFile("w+")
         self.process = subprocess.Popen(command, cwd=HERE, env=environment, stdout=self.log, stderr=self.log)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -1347,3 +1354,56 @@ def test_docs_render_and_try_it_out_in_a_real_browser(server):
             assert status.inner_text().strip() == "200"
         finally:
             browser.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs: a disk that really fills up and really turns read-only."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)]).returncode:
+        pytest.skip("mounting a tmpfs needs root; test_storage_failure_leaves_nothing_behind covers ENOSPC")
+    (mount / "uploads").mkdir()
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def health_status(server):
+    return requests.get(server.url + "/health", timeout=10).status_code
+
+
+def no_temp_files(folder):
+    return not [p for p in Path(folder).iterdir() if p.name.startswith(storage.TEMP_PREFIX)]
+
+
+@pytest.mark.slow
+def test_full_read_only_and_deleted_folders_fail_cleanly_and_recover(small_disk):
+    folder = small_disk / "uploads"
+    with Server(folder, {"API_KEY": KEY, "MAX_UPLOAD_BYTES": "1000000"}) as running:
+        session = requests.Session()
+        session.headers["X-API-Key"] = KEY
+
+        def send():
+            return session.post(running.url + "/upload", files={"file": ("a.jpg", unique_jpeg(900_000))}, timeout=30)
+
+        statuses = [send().status_code for _ in range(6)]
+        assert statuses[0] == 201 and statuses[-1] == 507, statuses
+        assert send().json()["code"] == "storage_unavailable"
+        assert health_status(running) == 503 and no_temp_files(folder)
+        for path in image_files(folder).values():
+            assert storage.inspect_image(path.read_bytes())  # every stored file is whole
+        for path in list(image_files(folder).values())[:3]:
+            path.unlink()
+        assert health_status(running) == 200 and send().status_code == 201  # no restart needed
+
+        subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+        try:
+            assert send().status_code == 503 and health_status(running) == 503
+        finally:
+            subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+        assert health_status(running) == 200 and send().status_code == 201
+
+        shutil.rmtree(folder)
+        assert send().status_code == 503 and health_status(running) == 503
+        folder.mkdir()
+        assert health_status(running) == 200 and send().status_code == 201
