@@ -1407,3 +1407,68 @@ def test_full_read_only_and_deleted_folders_fail_cleanly_and_recover(small_disk)
         assert send().status_code == 503 and health_status(running) == 503
         folder.mkdir()
         assert health_status(running) == 200 and send().status_code == 201
+
+
+@pytest.mark.slow
+def test_sigterm_lets_uploads_in_flight_finish(uploads):
+    with Server(uploads, {"API_KEY": KEY}) as running:
+        images = [unique_jpeg(2_000_000) for _ in range(3)]
+        connections = []
+        for data in images:
+            body = multipart([(b'Content-Disposition: form-data; name="file"; filename="a.jpg"', data)])
+            head = (b"POST /upload HTTP/1.1\r\nHost: x\r\nX-API-Key: %s\r\nContent-Length: %d\r\n"
+                    b"Content-Type: multipart/form-data; boundary=b0undary\r\n\r\n" % (KEY.encode(), len(body)))
+            connection = socket.create_connection(("127.0.0.1", running.port), timeout=20)
+            connection.sendall(head + body[: len(body) // 2])
+            connections.append((connection, body[len(body) // 2 :]))
+        time.sleep(0.5)  # the workers are now reading these bodies
+        running.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        answers = []
+        for connection, rest in connections:
+            connection.sendall(rest)
+            answers.append(connection.recv(65536))
+            connection.close()
+        assert all(answer.startswith(b"HTTP/1.1 201") for answer in answers), [a[:60] for a in answers]
+        assert running.process.wait(timeout=25) == 0
+        stored = {hashlib.sha256(p.read_bytes()).digest() for p in image_files(uploads).values()}
+        assert stored == {hashlib.sha256(data).digest() for data in images}
+        assert no_temp_files(uploads)
+
+
+def worker_rss_kib(server):
+    total = 0
+    for pid in worker_pids(server):
+        status = Path(f"/proc/{pid}/status").read_text()
+        total += int(re.search(r"VmRSS:\s+(\d+)", status)[1])
+    return total
+
+
+def oversized_requests():
+    head = b"POST /upload HTTP/1.1\r\nHost: x\r\nX-API-Key: %s\r\n" % KEY.encode()
+    multipart_type = b"Content-Type: multipart/form-data; boundary=b0undary\r\n"
+    for megabytes in (6, 20, 60, 200):
+        yield f"{megabytes} MB body", head + multipart_type + b"Content-Length: %d\r\n\r\n" % (megabytes * 10**6), 413
+    many_parts = b'--b0undary\r\nContent-Disposition: form-data; name="f"\r\n\r\nv\r\n' * 10_000 + b"--b0undary--\r\n"
+    yield "10,000 parts", head + multipart_type + b"Content-Length: %d\r\n\r\n" % len(many_parts) + many_parts, 400
+    never_closed = b'--b0undary\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n' + b"x" * 100_000
+    yield "boundary never closes", head + multipart_type + b"Content-Length: %d\r\n\r\n" % len(never_closed) + never_closed, 400
+    text_field = b'--b0undary\r\nContent-Disposition: form-data; name="file"\r\n\r\nhello\r\n--b0undary--\r\n'
+    yield "file is a text field", head + multipart_type + b"Content-Length: %d\r\n\r\n" % len(text_field) + text_field, 400
+    yield "1 MB header (gunicorn refuses it itself)", head + b"X-Junk: " + b"j" * 1_000_000 + b"\r\n\r\n", 431
+
+
+@pytest.mark.slow
+def test_oversized_and_malformed_requests_are_refused_cheaply(server, uploads):
+    while len(worker_pids(server)) < 2 or not all(health_status(server) == 200 for _ in range(10)):
+        time.sleep(0.1)  # both workers up and warm before the baseline
+    baseline = worker_rss_kib(server)
+    for label, request_bytes, status in [*oversized_requests(), *oversized_requests()]:
+        try:
+            answer = raw_request(server, request_bytes)
+        except (BrokenPipeError, ConnectionResetError):
+            answer = b""  # refused and closed while we were still sending: allowed for abuse
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 %d" % status), (label, answer[:100])
+        assert health_status(server) == 200, label
+    assert worker_rss_kib(server) - baseline < 8 * 1024  # two workers, two passes: a few MB at most
+    assert stored_files(uploads) == []
