@@ -35,7 +35,7 @@ ANALYZE_BODY_BYTES = 16 * 1024
 RECEIVED = "app.received_body"  # environ key: a body StoredAnalysisShortcut has read, and its error
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:+/=-]{1,128}")
 # Log values that need no quotes: printable ASCII but for space, quote, equals and backslash.
-_LOGFMT_BARE = re.compile(r'[!#-<>-\[\]-~]+')
+_LOGFMT_BARE = re.compile(r"[!#-<>-\[\]-~]+")
 CORS_ALLOW_HEADERS = "Content-Type, X-API-Key, X-Request-ID"
 CORS_EXPOSE_HEADERS = "Location, X-Request-ID"
 
@@ -95,7 +95,10 @@ def create_app(env=None):
     if env is None:
         load_dotenv()  # the real environment wins over .env
         env = os.environ
-    settings = {**DEFAULTS, **{key: value for key, value in env.items() if key in DEFAULTS or key == "API_KEY"}}
+    settings = {
+        **DEFAULTS,
+        **{key: value for key, value in env.items() if key in DEFAULTS or key == "API_KEY"},
+    }
     try:
         config = _parse_config(settings)
         _configure_logging(config["LOG_LEVEL"], config["LOG_FORMAT"])
@@ -177,7 +180,9 @@ def _parse_config(settings):
     try:
         folder.mkdir(exist_ok=True)
     except OSError as error:
-        raise ConfigError(f"UPLOAD_DIR {settings['UPLOAD_DIR']!r} cannot be created: {error.strerror}.")
+        raise ConfigError(
+            f"UPLOAD_DIR {settings['UPLOAD_DIR']!r} cannot be created: {error.strerror}."
+        ) from None
     if not folder.is_dir():
         raise ConfigError(f"UPLOAD_DIR {settings['UPLOAD_DIR']!r} is not a folder.")
     config["UPLOAD_DIR"] = folder
@@ -201,7 +206,12 @@ class _Formatter(logging.Formatter):
             self._second = (second, text)
         when = f"{text}.{int(record.created % 1 * 1000):03d}Z"
         if self.as_json:
-            line = {"time": when, "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+            line = {
+                "time": when,
+                "level": record.levelname,
+                "logger": record.name,
+                "message": record.getMessage(),
+            }
             line.update(fields)
             if record.exc_info:
                 line["traceback"] = self.formatException(record.exc_info)
@@ -250,8 +260,8 @@ def _before_request():
     """
     g.started = time.perf_counter()
     environ = request.environ
-    _bound_socket(environ, current_app.config["CLIENT_TIMEOUT"])
     g.request_id = _request_id(environ)
+    _bound_socket(environ, current_app.config["CLIENT_TIMEOUT"])
     if (
         request.method == "OPTIONS"
         and "HTTP_ACCESS_CONTROL_REQUEST_METHOD" in environ
@@ -324,7 +334,15 @@ def _after_request(response):
     if current_app.config["CORS_ORIGINS"]:
         _add_cors_headers(response)
     fields = g.get("log_fields", {})
-    _log_request(request.method, request.path, response.status_code, g.started, g.request_id, request.remote_addr, fields)
+    _log_request(
+        request.method,
+        request.path,
+        response.status_code,
+        g.started,
+        g.request_id,
+        request.remote_addr,
+        fields,
+    )
     return response
 
 
@@ -332,8 +350,17 @@ def _log_request(method, path, status, started, request_id, client, fields):
     """The one line per request, carrying what it did: INFO, WARNING for refused input, ERROR for failures."""
     level = logging.ERROR if status >= 500 else logging.WARNING if status >= 400 else logging.INFO
     duration_ms = round((time.perf_counter() - started) * 1000, 2)
-    _event(level, "request", method=method, path=path, status=status, duration_ms=duration_ms,
-           request_id=request_id, client=client, **fields)
+    _event(
+        level,
+        "request",
+        method=method,
+        path=path,
+        status=status,
+        duration_ms=duration_ms,
+        request_id=request_id,
+        client=client,
+        **fields,
+    )
 
 
 # --- errors ------------------------------------------------------------------
@@ -462,7 +489,9 @@ def _check_image_id(image_id, fixtures_too=False):
 
 def _analyze_image_id():
     """Take image_id from the JSON body, or from the query string when the body is empty."""
-    too_large = ApiError(413, "request_too_large", f"An analyze request body may be at most {ANALYZE_BODY_BYTES} bytes.")
+    too_large = ApiError(
+        413, "request_too_large", f"An analyze request body may be at most {ANALYZE_BODY_BYTES} bytes."
+    )
     body = _read_body(ANALYZE_BODY_BYTES, too_large)
     if not body and "image_id" in request.args:
         return request.args["image_id"]
@@ -513,7 +542,9 @@ def _read_file_part():
     body = _read_body(current_app.config["MAX_CONTENT_LENGTH"], _file_too_large())
     if request.mimetype != "multipart/form-data":
         raise ApiError(
-            400, "missing_file", "Send the image as multipart/form-data with the file in a field named 'file'."
+            400,
+            "missing_file",
+            "Send the image as multipart/form-data with the file in a field named 'file'.",
         )
     boundary = request.mimetype_params.get("boundary", "")
     if not 0 < len(boundary) <= 200 or not boundary.isascii():
@@ -560,13 +591,19 @@ def _receive(environ, length, limit):
     except Exception:  # the server's own parse errors, such as gunicorn's for bad chunked encoding
         return b"", ApiError(400, "invalid_body", "The request body's transfer encoding is malformed.")
     if length is not None and len(body) < length:
-        return body, ApiError(400, "incomplete_body", "The request body ended before its declared Content-Length.")
+        return body, ApiError(
+            400, "incomplete_body", "The request body ended before its declared Content-Length."
+        )
     return body, None
 
 
 def _file_too_large():
     limit = current_app.config["MAX_UPLOAD_BYTES"]
-    return ApiError(413, "file_too_large", f"Files may be at most {limit} bytes ({human_size(limit)}); this one is larger.")
+    return ApiError(
+        413,
+        "file_too_large",
+        f"Files may be at most {limit} bytes ({human_size(limit)}); this one is larger.",
+    )
 
 
 class StoredAnalysisShortcut:
@@ -607,10 +644,16 @@ class StoredAnalysisShortcut:
         if record is None:
             return self.flask(environ, start_response)
         request_id = _request_id(environ)
-        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(record))), ("X-Request-ID", request_id)]
+        headers = [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(record))),
+            ("X-Request-ID", request_id),
+        ]
         start_response("200 OK", headers)
         fields = {"image_id": image_id, "analysis": "stored"}
-        _log_request("POST", environ["PATH_INFO"], 200, started, request_id, environ.get("REMOTE_ADDR"), fields)
+        _log_request(
+            "POST", environ["PATH_INFO"], 200, started, request_id, environ.get("REMOTE_ADDR"), fields
+        )
         return [record]
 
     def _stored(self, image_id):
@@ -634,9 +677,10 @@ def find_part(body, boundary, name):
     """Find the first part called ``name`` in a complete multipart/form-data body (RFC 7578).
 
     Returns ``(start, end)`` offsets of its content in ``body``, or None when there is no such
-    part. A part counts whether or not it has a ``filename`` parameter: some clients omit it. The whole body must be well formed up to its closing delimiter. Line breaks may be
-    CRLF, LF or CR, as Werkzeug's parser accepts, and a delimiter only counts where it starts a
-    line and is followed by ``--`` or by optional blanks and a line break.
+    part. A part counts whether or not it has a ``filename`` parameter: some clients omit it.
+    The whole body must be well formed up to its closing delimiter. Line breaks may be CRLF,
+    LF or CR, as Werkzeug's parser accepts, and a delimiter only counts where it starts a line
+    and is followed by ``--`` or by optional blanks and a line break.
     """
     delimiter = b"--" + boundary
     found = None

@@ -91,8 +91,9 @@ def inspect_image(data):
     else:
         raise UnsupportedType("Only JPEG and PNG images are accepted; this file is neither.")
     if width * height > MAX_PIXELS:
+        megapixels = MAX_PIXELS // 1_000_000
         raise ImageTooLarge(
-            f"The image is {width}x{height} pixels; at most {MAX_PIXELS // 1_000_000} megapixels are accepted."
+            f"The image is {width}x{height} pixels; at most {megapixels} megapixels are accepted."
         )
     return ImageInfo(content_type, width, height)
 
@@ -215,7 +216,7 @@ class Storage:
         )
 
     def analysis(self, image_id, analyze):
-        """Return ``(record, created)``: the stored analysis bytes, made by ``analyze(image_id)`` on first use."""
+        """Return ``(record, created)``: the stored analysis, made by ``analyze(image_id)`` on first use."""
         record = self.stored_analysis(image_id)
         if record is not None:
             return record, False

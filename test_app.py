@@ -1,5 +1,6 @@
 """Tests of the HTTP contract, built from the app factory with a temporary uploads folder."""
 
+import builtins
 import hashlib
 import io
 import json
@@ -30,7 +31,12 @@ import storage
 from app import create_app, find_part
 
 REAL_ID = "3b241101-e2bb-4255-8caf-4136c566a962"
-PINNED_MOCK_OILY = {"image_id": "mock_oily", "skin_type": "Oily", "issues": ["Hyperpigmentation"], "confidence": 0.82}
+PINNED_MOCK_OILY = {
+    "image_id": "mock_oily",
+    "skin_type": "Oily",
+    "issues": ["Hyperpigmentation"],
+    "confidence": 0.82,
+}
 PINNED_REAL_ID = {"image_id": REAL_ID, "skin_type": "Dry", "issues": ["Dehydration"], "confidence": 0.8}
 KEY = "test-key-0123456789"
 OTHER_KEY = "rotated-key-9876543210"
@@ -49,7 +55,15 @@ def make_png(width=4, height=3, extra_chunks=()):
     """A valid RGB PNG of a flat colour."""
     header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
     rows = (b"\x00" + b"\x80\x60\x50" * width) * height
-    return b"".join([storage.PNG_SIGNATURE, header, *extra_chunks, png_chunk(b"IDAT", zlib.compress(rows)), png_chunk(b"IEND", b"")])
+    return b"".join(
+        [
+            storage.PNG_SIGNATURE,
+            header,
+            *extra_chunks,
+            png_chunk(b"IDAT", zlib.compress(rows)),
+            png_chunk(b"IEND", b""),
+        ]
+    )
 
 
 def jpeg_segment(marker, payload):
@@ -201,7 +215,14 @@ def test_upload_reports_human_size(client):
 
 @pytest.mark.parametrize(
     "size, expected",
-    [(0, "0 B"), (786, "786 B"), (999, "999 B"), (1000, "1.00 KB"), (999_999, "1.00 MB"), (5_242_880, "5.24 MB")],
+    [
+        (0, "0 B"),
+        (786, "786 B"),
+        (999, "999 B"),
+        (1000, "1.00 KB"),
+        (999_999, "1.00 MB"),
+        (5_242_880, "5.24 MB"),
+    ],
 )
 def test_human_size(size, expected):
     assert app_module.human_size(size) == expected
@@ -246,7 +267,9 @@ def test_upload_refuses_huge_body_before_reading_it(client, uploads):
 
 def multipart(parts, boundary="b0undary"):
     """Build a multipart body by hand from ``(headers, content)`` parts."""
-    body = b"".join(b"--%s\r\n%s\r\n\r\n%s\r\n" % (boundary.encode(), headers, content) for headers, content in parts)
+    body = b"".join(
+        b"--%s\r\n%s\r\n\r\n%s\r\n" % (boundary.encode(), headers, content) for headers, content in parts
+    )
     return body + b"--%s--\r\n" % boundary.encode()
 
 
@@ -255,25 +278,55 @@ BAD_UPLOADS = {
     "no file field": ({"other": (io.BytesIO(make_png()), "a.png")}, 400, "missing_file"),
     "file is a text field": ({"file": "just text"}, 400, "unsupported_type"),
     "empty file": ({"file": (io.BytesIO(b""), "a.png")}, 400, "empty_file"),
-    "text sent as png": ({"file": (io.BytesIO(b"hello, world"), "a.png", "image/png")}, 400, "unsupported_type"),
-    "html renamed png": ({"file": (io.BytesIO(b"<html><script>x</script></html>"), "a.png")}, 400, "unsupported_type"),
-    "svg renamed png": ({"file": (io.BytesIO(b'<svg xmlns="http://www.w3.org/2000/svg"/>'), "a.png")}, 400, "unsupported_type"),
+    "text sent as png": (
+        {"file": (io.BytesIO(b"hello, world"), "a.png", "image/png")},
+        400,
+        "unsupported_type",
+    ),
+    "html renamed png": (
+        {"file": (io.BytesIO(b"<html><script>x</script></html>"), "a.png")},
+        400,
+        "unsupported_type",
+    ),
+    "svg renamed png": (
+        {"file": (io.BytesIO(b'<svg xmlns="http://www.w3.org/2000/svg"/>'), "a.png")},
+        400,
+        "unsupported_type",
+    ),
     "gif": ({"file": (io.BytesIO(b"GIF89a\x01\x00\x01\x00\x00\x00\x00;"), "a.gif")}, 400, "unsupported_type"),
     "png signature only": ({"file": (io.BytesIO(storage.PNG_SIGNATURE), "a.png")}, 400, "invalid_image"),
     "png truncated": ({"file": (io.BytesIO(make_png()[:60]), "a.png")}, 400, "invalid_image"),
-    "png bad header checksum": ({"file": (io.BytesIO(make_png()[:29] + b"\0\0\0\0" + make_png()[33:]), "a.png")}, 400, "invalid_image"),
+    "png bad header checksum": (
+        {"file": (io.BytesIO(make_png()[:29] + b"\0\0\0\0" + make_png()[33:]), "a.png")},
+        400,
+        "invalid_image",
+    ),
     "png zero width": ({"file": (io.BytesIO(make_png(0, 5)), "a.png")}, 400, "invalid_image"),
-    "png over 100 megapixels": ({"file": (io.BytesIO(make_png(20000, 5001)), "a.png")}, 400, "image_too_large"),
+    "png over 100 megapixels": (
+        {"file": (io.BytesIO(make_png(20000, 5001)), "a.png")},
+        400,
+        "image_too_large",
+    ),
     "jpeg signature only": ({"file": (io.BytesIO(b"\xff\xd8\xff"), "a.jpg")}, 400, "invalid_image"),
     "jpeg truncated in header": ({"file": (io.BytesIO(make_jpeg()[:30]), "a.jpg")}, 400, "invalid_image"),
     "jpeg truncated in scan": ({"file": (io.BytesIO(make_jpeg()[:-2]), "a.jpg")}, 400, "invalid_image"),
     "jpeg without frame header": (
-        {"file": (io.BytesIO(b"\xff\xd8" + jpeg_segment(0xDA, b"\x01\x01\x00\x00\x3f\x00") + b"\xff\xd9"), "a.jpg")},
+        {
+            "file": (
+                io.BytesIO(b"\xff\xd8" + jpeg_segment(0xDA, b"\x01\x01\x00\x00\x3f\x00") + b"\xff\xd9"),
+                "a.jpg",
+            )
+        },
         400,
         "invalid_image",
     ),
     "jpeg declaring 60000x60000": (
-        {"file": (io.BytesIO(make_jpeg().replace(struct.pack(">HH", 8, 16), struct.pack(">HH", 60000, 60000))), "a.jpg")},
+        {
+            "file": (
+                io.BytesIO(make_jpeg().replace(struct.pack(">HH", 8, 16), struct.pack(">HH", 60000, 60000))),
+                "a.jpg",
+            )
+        },
         400,
         "image_too_large",
     ),
@@ -282,7 +335,9 @@ BAD_UPLOADS = {
 
 @pytest.mark.parametrize("form, status, code", BAD_UPLOADS.values(), ids=BAD_UPLOADS.keys())
 def test_bad_uploads_are_refused_and_nothing_is_stored(client, uploads, form, status, code):
-    response = client.post("/upload", headers={"X-API-Key": KEY}, data=form, content_type="multipart/form-data")
+    response = client.post(
+        "/upload", headers={"X-API-Key": KEY}, data=form, content_type="multipart/form-data"
+    )
     body = assert_problem(response, status, code)
     if code == "unsupported_type":
         assert "JPEG" in body["detail"] and "PNG" in body["detail"]
@@ -338,7 +393,9 @@ def test_concurrent_uploads_get_distinct_ids_and_intact_files(make_app, uploads)
 def test_file_part_without_filename_is_accepted(client, uploads):
     body = multipart([(b'Content-Disposition: form-data; name="file"', make_jpeg())])
     response = client.post(
-        "/upload", headers={"X-API-Key": KEY, "Content-Type": "multipart/form-data; boundary=b0undary"}, data=body
+        "/upload",
+        headers={"X-API-Key": KEY, "Content-Type": "multipart/form-data; boundary=b0undary"},
+        data=body,
     )
     assert response.status_code == 201
     assert stored_files(uploads) == [response.get_json()["image_id"] + ".jpg"]
@@ -347,7 +404,11 @@ def test_file_part_without_filename_is_accepted(client, uploads):
 def test_chunked_body_without_server_support_needs_a_length(client):
     response = client.post(
         "/upload",
-        headers={"X-API-Key": KEY, "Content-Type": "multipart/form-data; boundary=b", "Transfer-Encoding": "chunked"},
+        headers={
+            "X-API-Key": KEY,
+            "Content-Type": "multipart/form-data; boundary=b",
+            "Transfer-Encoding": "chunked",
+        },
         input_stream=io.BytesIO(b"x"),
     )
     assert_problem(response, 411, "length_required")
@@ -422,63 +483,147 @@ PAYLOAD = make_png() + b"\r\n--notquite\r\n--b0undar" + os.urandom(512) + b"\r\n
 def corpus():
     """Bodies as real clients build them, and hostile variants of them."""
     boundary = "------------------------d74496d66958873e"  # curl
-    yield "curl", boundary, (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"face.png\"\r\n"
-        f"Content-Type: image/png\r\n\r\n"
-    ).encode() + PAYLOAD + f"\r\n--{boundary}--\r\n".encode()
-    boundary = "3f8a9c5e2b8d4f1e9a7c6b5d4e3f2a1b"  # requests
-    yield "requests", boundary, (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"face.png\"\r\n\r\n"
-    ).encode() + PAYLOAD + f"\r\n--{boundary}--\r\n".encode()
-    boundary = "--------------------------123456789012345678901234"  # Postman / newman
-    yield "postman", boundary, (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n"
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"face.png\"\r\n"
-        f"Content-Type: image/png\r\n\r\n"
-    ).encode() + PAYLOAD + f"\r\n--{boundary}--\r\n".encode()
-    boundary = "a7f1e0c2-4b5d-4e8f-9a1b-2c3d4e5f6a7b"  # OkHttp: UUID boundary, Content-Length per part
-    yield "okhttp", boundary, (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"face.png\"\r\n"
-        f"Content-Type: image/png\r\nContent-Length: {len(PAYLOAD)}\r\n\r\n"
-    ).encode() + PAYLOAD + f"\r\n--{boundary}--\r\n".encode()
-    boundary = "Boundary-6C2A4E1F-8B3D-4F5A-9E7C-1D2B3A4C5E6F"  # URLSession, hand-built bodies
-    yield "urlsession", boundary, (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"IMG_0001.png\"\r\n"
-        f"Content-Type: image/png\r\n\r\n"
-    ).encode() + PAYLOAD + f"\r\n--{boundary}--\r\n".encode()
-    boundary = "xyz"
-    base = lambda disposition, content=PAYLOAD, tail=b"\r\n--xyz--\r\n": (
-        b"--xyz\r\nContent-Disposition: " + disposition + b"\r\n\r\n" + content + tail
+    yield (
+        "curl",
+        boundary,
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="face.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + PAYLOAD
+        + f"\r\n--{boundary}--\r\n".encode(),
     )
+    boundary = "3f8a9c5e2b8d4f1e9a7c6b5d4e3f2a1b"  # requests
+    yield (
+        "requests",
+        boundary,
+        (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="face.png"\r\n\r\n').encode()
+        + PAYLOAD
+        + f"\r\n--{boundary}--\r\n".encode(),
+    )
+    boundary = "--------------------------123456789012345678901234"  # Postman / newman
+    yield (
+        "postman",
+        boundary,
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="note"\r\n\r\nhello\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="face.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + PAYLOAD
+        + f"\r\n--{boundary}--\r\n".encode(),
+    )
+    boundary = "a7f1e0c2-4b5d-4e8f-9a1b-2c3d4e5f6a7b"  # OkHttp: UUID boundary, Content-Length per part
+    yield (
+        "okhttp",
+        boundary,
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="face.png"\r\n'
+            f"Content-Type: image/png\r\nContent-Length: {len(PAYLOAD)}\r\n\r\n"
+        ).encode()
+        + PAYLOAD
+        + f"\r\n--{boundary}--\r\n".encode(),
+    )
+    boundary = "Boundary-6C2A4E1F-8B3D-4F5A-9E7C-1D2B3A4C5E6F"  # URLSession, hand-built bodies
+    yield (
+        "urlsession",
+        boundary,
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="IMG_0001.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + PAYLOAD
+        + f"\r\n--{boundary}--\r\n".encode(),
+    )
+    boundary = "xyz"
+
+    def base(disposition, content=PAYLOAD, tail=b"\r\n--xyz--\r\n"):
+        return b"--xyz\r\nContent-Disposition: " + disposition + b"\r\n\r\n" + content + tail
+
     yield "filename*", boundary, base(b"form-data; name=\"file\"; filename*=UTF-8''f%C3%A4ce.png")
     yield "unquoted name", boundary, base(b"form-data; name=file; filename=a.png")
     yield "no filename (a field)", boundary, base(b'form-data; name="file"')
     yield "empty filename", boundary, base(b'form-data; name="file"; filename=""')
     yield "other name", boundary, base(b'form-data; name="image"; filename="a.png"')
-    yield "preamble and epilogue", boundary, b"This is a preamble.\r\n" + base(
-        b'form-data; name="file"; filename="a.png"', tail=b"\r\n--xyz--\r\nThis is an epilogue.\r\n"
+    yield (
+        "preamble and epilogue",
+        boundary,
+        b"This is a preamble.\r\n"
+        + base(b'form-data; name="file"; filename="a.png"', tail=b"\r\n--xyz--\r\nThis is an epilogue.\r\n"),
     )
     yield "no closing boundary", boundary, base(b'form-data; name="file"; filename="a.png"', tail=b"\r\n")
-    yield "closing boundary without CRLF", boundary, base(b'form-data; name="file"; filename="a.png"', tail=b"\r\n--xyz--")
-    yield "boundary with trailing blanks", boundary, base(b'form-data; name="file"; filename="a.png"', tail=b"\r\n--xyz--  \r\n")
-    yield "boundary inside data", boundary, base(b'form-data; name="file"; filename="a.png"', PAYLOAD + b"--xyz" + PAYLOAD)
-    yield "boundary after LF inside data", boundary, base(b'form-data; name="file"; filename="a.png"', b"ab\n--xyzz\n" + PAYLOAD)
-    yield "CRLF inside data", boundary, base(b'form-data; name="file"; filename="a.png"', b"\r\n\r\n" + PAYLOAD + b"\r\n")
+    yield (
+        "closing boundary without CRLF",
+        boundary,
+        base(b'form-data; name="file"; filename="a.png"', tail=b"\r\n--xyz--"),
+    )
+    yield (
+        "boundary with trailing blanks",
+        boundary,
+        base(b'form-data; name="file"; filename="a.png"', tail=b"\r\n--xyz--  \r\n"),
+    )
+    yield (
+        "boundary inside data",
+        boundary,
+        base(b'form-data; name="file"; filename="a.png"', PAYLOAD + b"--xyz" + PAYLOAD),
+    )
+    yield (
+        "boundary after LF inside data",
+        boundary,
+        base(b'form-data; name="file"; filename="a.png"', b"ab\n--xyzz\n" + PAYLOAD),
+    )
+    yield (
+        "CRLF inside data",
+        boundary,
+        base(b'form-data; name="file"; filename="a.png"', b"\r\n\r\n" + PAYLOAD + b"\r\n"),
+    )
     yield "empty content", boundary, base(b'form-data; name="file"; filename="a.png"', b"")
-    yield "LF line breaks", boundary, b'--xyz\nContent-Disposition: form-data; name="file"; filename="a"\n\n' + PAYLOAD + b"\n--xyz--\n"
-    yield "folded header", boundary, b'--xyz\r\nContent-Disposition: form-data;\r\n name="file"; filename="a"\r\n\r\nabc\r\n--xyz--\r\n'
-    yield "two file parts", boundary, (
-        b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="1"\r\n\r\nfirst\r\n'
-        b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="2"\r\n\r\nsecond\r\n--xyz--\r\n'
+    yield (
+        "LF line breaks",
+        boundary,
+        b'--xyz\nContent-Disposition: form-data; name="file"; filename="a"\n\n' + PAYLOAD + b"\n--xyz--\n",
+    )
+    yield (
+        "folded header",
+        boundary,
+        b'--xyz\r\nContent-Disposition: form-data;\r\n name="file"; filename="a"\r\n\r\nabc\r\n--xyz--\r\n',
+    )
+    yield (
+        "two file parts",
+        boundary,
+        (
+            b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="1"\r\n\r\nfirst\r\n'
+            b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="2"\r\n\r\nsecond\r\n--xyz--\r\n'
+        ),
     )
     yield "no content-disposition", boundary, b"--xyz\r\nContent-Type: image/png\r\n\r\nabc\r\n--xyz--\r\n"
-    yield "headers never end", boundary, b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n'
-    yield "non-UTF-8 header", boundary, b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="\xff"\r\n\r\nabc\r\n--xyz--\r\n'
+    yield (
+        "headers never end",
+        boundary,
+        b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n',
+    )
+    yield (
+        "non-UTF-8 header",
+        boundary,
+        b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="\xff"\r\n\r\nabc\r\n--xyz--\r\n',
+    )
     yield "empty form", boundary, b"--xyz--\r\n"
     yield "no boundary at all", boundary, PAYLOAD
-    yield "many parts", boundary, b'--xyz\r\nContent-Disposition: form-data; name="f"\r\n\r\nv\r\n' * 1500 + b"--xyz--\r\n"
-    yield "regex characters in boundary", "a.b*c+d?", b'--a.b*c+d?\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\nabc\r\n--a.b*c+d?--\r\n'
-    yield "quoted boundary with space", "x y", b'--x y\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\nabc\r\n--x y--\r\n'
+    yield (
+        "many parts",
+        boundary,
+        b'--xyz\r\nContent-Disposition: form-data; name="f"\r\n\r\nv\r\n' * 1500 + b"--xyz--\r\n",
+    )
+    yield (
+        "regex characters in boundary",
+        "a.b*c+d?",
+        b'--a.b*c+d?\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\nabc\r\n--a.b*c+d?--\r\n',
+    )
+    yield (
+        "quoted boundary with space",
+        "x y",
+        b'--x y\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\nabc\r\n--x y--\r\n',
+    )
 
 
 @pytest.mark.parametrize("label, boundary, body", list(corpus()), ids=[case[0] for case in corpus()])
@@ -494,7 +639,9 @@ def test_multipart_parser_agrees_with_werkzeug_on_cut_bodies():
         b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="f"\r\n\r\n\r\n--xy\rz\n\r\r\n--xyz--\r\n'
     )
     variants = [body[:cut] for cut in range(len(body))]
-    variants += [body[:i] + bytes([b]) + body[i + 1 :] for i in range(len(body)) for b in (0x0D, 0x0A, 0x2D, 0x20)]
+    variants += [
+        body[:i] + bytes([b]) + body[i + 1 :] for i in range(len(body)) for b in (0x0D, 0x0A, 0x2D, 0x20)
+    ]
     for variant in variants:
         assert our_part(variant, boundary.encode()) == werkzeug_part(variant, boundary.encode()), variant
 
@@ -548,8 +695,12 @@ def test_analyze_is_stored_and_survives_a_logic_change(client, uploads, image_id
 
 def call_wsgi(wsgi_app, image_id, headers=None, stream=None):
     body = json.dumps({"image_id": image_id}).encode()
-    environ = EnvironBuilder(path="/analyze", method="POST", data=body,
-                             headers={"X-API-Key": KEY, "X-Request-ID": "fixed", **(headers or {})}).get_environ()
+    environ = EnvironBuilder(
+        path="/analyze",
+        method="POST",
+        data=body,
+        headers={"X-API-Key": KEY, "X-Request-ID": "fixed", **(headers or {})},
+    ).get_environ()
     if stream is not None:
         environ["wsgi.input"] = stream
     chunks, status, response_headers = run_wsgi_app(wsgi_app, environ, buffered=True)
@@ -569,8 +720,11 @@ def test_stored_analysis_shortcut_answers_exactly_as_flask(make_app, capsys):
     slow = call_wsgi(shortcut.flask, image_id)
     slow_log = capsys.readouterr().out
     assert fast == slow and fast[0] == "200 OK"
-    strip = lambda log: re.sub(r"\S*T\S*Z|duration_ms=\S+", "", log)
-    assert strip(fast_log) == strip(slow_log)
+
+    def without_timing(log):
+        return re.sub(r"\S*T\S*Z|duration_ms=\S+", "", log)
+
+    assert without_timing(fast_log) == without_timing(slow_log)
     assert "analysis=stored" in fast_log and "request_id=fixed" in fast_log
 
 
@@ -621,7 +775,13 @@ def test_analysis_pins_known_values():
 
 @pytest.mark.parametrize(
     "fixture_id, skin_type",
-    [("mock_oily", "Oily"), ("mock_dry_2", "Dry"), ("mock_combination_user-7", "Combination"), ("mock_sensitive", "Sensitive"), ("mock_normal_a", "Normal")],
+    [
+        ("mock_oily", "Oily"),
+        ("mock_dry_2", "Dry"),
+        ("mock_combination_user-7", "Combination"),
+        ("mock_sensitive", "Sensitive"),
+        ("mock_normal_a", "Normal"),
+    ],
 )
 def test_fixture_ids_need_no_upload(client, uploads, fixture_id, skin_type):
     response = analyze(client, fixture_id)
@@ -641,7 +801,11 @@ BAD_ANALYZE = {
     "null image_id": (b'{"image_id": null}', "application/json", "invalid_request"),
     "empty body": (b"", "application/json", "invalid_request"),
     "deeply nested array": (b"[" * 5000, "application/json", "invalid_request"),
-    "deeply nested value": (b'{"image_id": "x", "a": ' + b"[" * 5000 + b"]" * 5000 + b"}", "application/json", "invalid_request"),
+    "deeply nested value": (
+        b'{"image_id": "x", "a": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        "application/json",
+        "invalid_request",
+    ),
 }
 
 
@@ -685,7 +849,19 @@ HOSTILE_IDS = [
 def filesystem_calls(monkeypatch):
     """Record every path the service touches through os and open()."""
     calls = []
-    for name in ("stat", "lstat", "open", "link", "rename", "unlink", "access", "statvfs", "listdir", "scandir", "mkdir"):
+    for name in (
+        "stat",
+        "lstat",
+        "open",
+        "link",
+        "rename",
+        "unlink",
+        "access",
+        "statvfs",
+        "listdir",
+        "scandir",
+        "mkdir",
+    ):
         original = getattr(os, name)
 
         def spy(path, *args, _original=original, **kwargs):
@@ -693,15 +869,13 @@ def filesystem_calls(monkeypatch):
             return _original(path, *args, **kwargs)
 
         monkeypatch.setattr(os, name, spy)
-    import builtins, io as io_module
-
-    original_open = io_module.open
+    original_open = io.open
 
     def open_spy(file, *args, **kwargs):
         calls.append(os.fspath(file) if isinstance(file, (str, bytes, os.PathLike)) else file)
         return original_open(file, *args, **kwargs)
 
-    monkeypatch.setattr(io_module, "open", open_spy)
+    monkeypatch.setattr(io, "open", open_spy)
     monkeypatch.setattr(builtins, "open", open_spy)
     return calls
 
@@ -711,7 +885,11 @@ def test_hostile_ids_are_refused_before_touching_the_filesystem(client, uploads,
     (uploads / f"{REAL_ID}.jpg").write_bytes(make_jpeg())
     filesystem_calls.clear()
     assert_problem(analyze(client, bad_id), 400, "invalid_image_id")
-    assert_problem(client.post("/analyze", query_string={"image_id": bad_id}, headers={"X-API-Key": KEY}), 400, "invalid_image_id")
+    assert_problem(
+        client.post("/analyze", query_string={"image_id": bad_id}, headers={"X-API-Key": KEY}),
+        400,
+        "invalid_image_id",
+    )
     assert filesystem_calls == []
     assert stored_files(uploads) == [f"{REAL_ID}.jpg"]
 
@@ -890,7 +1068,9 @@ def test_cors_with_an_origin_list(make_app):
     client = make_app(CORS_ORIGINS="https://app.example.com, https://admin.example.com").test_client()
     response = analyze(client, "mock_oily")
     allowed = client.post(
-        "/analyze", headers={"X-API-Key": KEY, "Origin": "https://app.example.com"}, json={"image_id": "mock_oily"}
+        "/analyze",
+        headers={"X-API-Key": KEY, "Origin": "https://app.example.com"},
+        json={"image_id": "mock_oily"},
     )
     assert allowed.headers["Access-Control-Allow-Origin"] == "https://app.example.com"
     assert "Origin" in allowed.headers["Vary"]
@@ -902,7 +1082,9 @@ def test_cors_with_an_origin_list(make_app):
 
 
 def test_options_needs_a_key_without_cors(client):
-    response = client.options("/upload", headers={"Origin": "https://x.example", "Access-Control-Request-Method": "POST"})
+    response = client.options(
+        "/upload", headers={"Origin": "https://x.example", "Access-Control-Request-Method": "POST"}
+    )
     assert_problem(response, 401, "unauthorized")
 
 
@@ -910,7 +1092,11 @@ def test_cors_preflight_needs_no_key(make_app):
     client = make_app(CORS_ORIGINS="*").test_client()
     response = client.options(
         "/upload",
-        headers={"Origin": "https://x.example", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-api-key"},
+        headers={
+            "Origin": "https://x.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "x-api-key",
+        },
     )
     assert response.status_code == 204
     assert response.headers["Access-Control-Allow-Origin"] == "*"
@@ -952,11 +1138,15 @@ def test_proxy_fix_uses_forwarded_client(make_app, capsys):
 
 
 def test_env_file_is_read_but_environment_wins(tmp_path, monkeypatch):
-    (tmp_path / ".env").write_text(f"UPLOAD_DIR={tmp_path / 'from_dotenv'}\nAPI_KEY=from-dotenv\nMAX_UPLOAD_BYTES=1234\n")
+    (tmp_path / ".env").write_text(
+        f"UPLOAD_DIR={tmp_path / 'from_dotenv'}\nAPI_KEY=from-dotenv\nMAX_UPLOAD_BYTES=1234\n"
+    )
     environment = {k: v for k, v in os.environ.items() if k not in ("API_KEY", "UPLOAD_DIR")}
     environment["MAX_UPLOAD_BYTES"] = "4321"
     monkeypatch.setattr(os, "environ", environment)  # load_dotenv writes here, not to the real one
-    monkeypatch.setattr(app_module, "load_dotenv", lambda: __import__("dotenv").load_dotenv(tmp_path / ".env"))
+    monkeypatch.setattr(
+        app_module, "load_dotenv", lambda: __import__("dotenv").load_dotenv(tmp_path / ".env")
+    )
     app = create_app()
     assert app.config["UPLOAD_DIR"] == tmp_path / "from_dotenv"
     assert app.config["MAX_UPLOAD_BYTES"] == 4321
@@ -972,7 +1162,16 @@ class Server:
     def __init__(self, folder, env=None, args=()):
         environment = {k: v for k, v in os.environ.items() if k not in ("API_KEY", "PORT", "WEB_CONCURRENCY")}
         environment.update({"UPLOAD_DIR": str(folder), **(env or {})})
-        command = [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "--bind", "127.0.0.1:0", *args]
+        command = [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "--config",
+            "gunicorn.conf.py",
+            "--bind",
+            "127.0.0.1:0",
+            *args,
+        ]
         self.log = tempfile.TemporaryFile("w+")
         self.process = subprocess.Popen(command, cwd=HERE, env=environment, stdout=self.log, stderr=self.log)
         deadline = time.monotonic() + 30
@@ -1029,8 +1228,17 @@ def big_files(tmp_path_factory):
 @pytest.mark.parametrize("megabytes", [20, 60])
 @pytest.mark.parametrize("expect", [True, False], ids=["expect-100", "no-expect"])
 def test_curl_gets_413_for_huge_upload(server, uploads, big_files, megabytes, expect):
-    command = ["curl", "-sS", "-H", f"X-API-Key: {KEY}", "-F", f"file=@{big_files[megabytes]}",
-               "-w", "\n%{http_code}", server.url + "/upload"]
+    command = [
+        "curl",
+        "-sS",
+        "-H",
+        f"X-API-Key: {KEY}",
+        "-F",
+        f"file=@{big_files[megabytes]}",
+        "-w",
+        "\n%{http_code}",
+        server.url + "/upload",
+    ]
     if not expect:
         command[2:2] = ["-H", "Expect:"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
@@ -1045,7 +1253,9 @@ def test_curl_gets_413_for_huge_upload(server, uploads, big_files, megabytes, ex
 @pytest.mark.parametrize("megabytes", [20, 60])
 def test_requests_gets_413_for_huge_upload(server, uploads, big_files, megabytes):
     with open(big_files[megabytes], "rb") as file:
-        response = requests.post(server.url + "/upload", headers={"X-API-Key": KEY}, files={"file": file}, timeout=60)
+        response = requests.post(
+            server.url + "/upload", headers={"X-API-Key": KEY}, files={"file": file}, timeout=60
+        )
     assert response.status_code == 413
     assert response.headers["Content-Type"] == "application/problem+json"
     assert response.json()["code"] == "file_too_large"
@@ -1057,13 +1267,22 @@ def test_gunicorn_end_to_end(server, uploads):
     session = requests.Session()
     session.headers["X-API-Key"] = KEY
     data = make_jpeg(size=5_242_880)
-    response = session.post(server.url + "/api/v1/upload", files={"file": ("a.jpg", data, "image/jpeg")}, timeout=30)
+    response = session.post(
+        server.url + "/api/v1/upload", files={"file": ("a.jpg", data, "image/jpeg")}, timeout=30
+    )
     assert response.status_code == 201, response.text
     image_id = response.json()["image_id"]
-    bodies = {session.post(server.url + "/analyze", json={"image_id": image_id}, timeout=10).content for _ in range(20)}
+    bodies = {
+        session.post(server.url + "/analyze", json={"image_id": image_id}, timeout=10).content
+        for _ in range(20)
+    }
     assert len(bodies) == 1
-    chunked = session.post(server.url + "/upload", data=iter([b"x"]), timeout=10,
-                           headers={"Content-Type": "multipart/form-data; boundary=b"})
+    chunked = session.post(
+        server.url + "/upload",
+        data=iter([b"x"]),
+        timeout=10,
+        headers={"Content-Type": "multipart/form-data; boundary=b"},
+    )
     assert chunked.status_code == 400 and chunked.json()["code"] == "invalid_multipart"
     assert (uploads / f"{image_id}.jpg").read_bytes() == data
 
@@ -1071,12 +1290,16 @@ def test_gunicorn_end_to_end(server, uploads):
 @pytest.mark.slow
 def test_chunked_upload_over_the_limit_gets_413(server, uploads):
     def chunks():
-        yield b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\n" + make_jpeg()
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n' + make_jpeg()
         for _ in range(8):
             yield b"\0" * 1_000_000
 
-    response = requests.post(server.url + "/upload", data=chunks(), timeout=30,
-                             headers={"X-API-Key": KEY, "Content-Type": "multipart/form-data; boundary=b"})
+    response = requests.post(
+        server.url + "/upload",
+        data=chunks(),
+        timeout=30,
+        headers={"X-API-Key": KEY, "Content-Type": "multipart/form-data; boundary=b"},
+    )
     assert response.status_code == 413
     assert stored_files(uploads) == []
 
@@ -1084,14 +1307,19 @@ def test_chunked_upload_over_the_limit_gets_413(server, uploads):
 @pytest.mark.slow
 @pytest.mark.parametrize("preload", [True, False], ids=["procfile", "workers-start-together"])
 def test_workers_agree_on_the_generated_key(uploads, preload):
-    args = ["--workers", "4"] + ([] if preload else ["--config", os.devnull, "--worker-class", "gthread",
-                                                      "app:create_app()"])
+    args = ["--workers", "4"] + (
+        [] if preload else ["--config", os.devnull, "--worker-class", "gthread", "app:create_app()"]
+    )
     with Server(uploads, args=args) as running:
         key = (uploads / storage.KEY_FILE).read_text()
         statuses = set()
         for _ in range(40):  # new connections, spread over the workers
-            response = requests.post(running.url + "/analyze", headers={"X-API-Key": key, "Connection": "close"},
-                                     json={"image_id": "mock_oily"}, timeout=10)
+            response = requests.post(
+                running.url + "/analyze",
+                headers={"X-API-Key": key, "Connection": "close"},
+                json={"image_id": "mock_oily"},
+                timeout=10,
+            )
             statuses.add(response.status_code)
         assert statuses == {200}
 
@@ -1103,11 +1331,14 @@ def test_stalled_upload_is_cut_off_and_discarded(uploads):
         stalled = socket.create_connection(("127.0.0.1", running.port), timeout=10)
         stalled.sendall(
             b"POST /upload HTTP/1.1\r\nHost: x\r\nX-API-Key: %s\r\nContent-Length: %d\r\n"
-            b"Content-Type: multipart/form-data; boundary=b0undary\r\n\r\n%s" % (KEY.encode(), len(body), body[:50])
+            b"Content-Type: multipart/form-data; boundary=b0undary\r\n\r\n%s"
+            % (KEY.encode(), len(body), body[:50])
         )
         started = time.monotonic()
         assert analyze_over_http(running, "mock_oily").status_code == 200  # others are served meanwhile
-        answer = stalled.recv(65536)
+        answer = b""
+        while chunk := stalled.recv(65536):  # gunicorn closes the connection after a 408
+            answer += chunk
         assert answer.startswith(b"HTTP/1.1 408")
         assert b'"code":"request_timeout"' in answer
         assert time.monotonic() - started < 5
@@ -1116,7 +1347,9 @@ def test_stalled_upload_is_cut_off_and_discarded(uploads):
 
 
 def analyze_over_http(server, image_id):
-    return requests.post(server.url + "/analyze", headers={"X-API-Key": KEY}, json={"image_id": image_id}, timeout=10)
+    return requests.post(
+        server.url + "/analyze", headers={"X-API-Key": KEY}, json={"image_id": image_id}, timeout=10
+    )
 
 
 # --- faults against a real gunicorn server ------------------------------------------
@@ -1206,8 +1439,13 @@ def test_server_killed_outright_keeps_everything_acknowledged(uploads):
     results = {}
     for _ in range(20):
         data = unique_jpeg(200_000)
-        image_id = session.post(running.url + "/upload", files={"file": ("a.jpg", data)}, timeout=10).json()["image_id"]
-        results[image_id] = (data, session.post(running.url + "/analyze", json={"image_id": image_id}, timeout=10).content)
+        image_id = session.post(running.url + "/upload", files={"file": ("a.jpg", data)}, timeout=10).json()[
+            "image_id"
+        ]
+        results[image_id] = (
+            data,
+            session.post(running.url + "/analyze", json={"image_id": image_id}, timeout=10).content,
+        )
     for pid in [running.process.pid, *worker_pids(running)]:
         os.kill(pid, signal.SIGKILL)
     running.process.wait()
@@ -1224,8 +1462,12 @@ def test_concurrent_uploads_and_analyses_across_workers(uploads):
         images = [unique_jpeg(50_000) for _ in range(64)]
 
         def send(data):
-            response = requests.post(running.url + "/upload", headers={"X-API-Key": KEY},
-                                     files={"file": ("a.jpg", data)}, timeout=30)
+            response = requests.post(
+                running.url + "/upload",
+                headers={"X-API-Key": KEY},
+                files={"file": ("a.jpg", data)},
+                timeout=30,
+            )
             return response.status_code, response.json()["image_id"]
 
         with ThreadPoolExecutor(64) as pool:
@@ -1309,7 +1551,9 @@ def test_openapi_does_not_promise_refusals_the_service_does_not_make():
 
 
 def test_query_image_id_is_ignored_when_there_is_a_body(client):
-    response = client.post("/analyze?image_id=../x", headers={"X-API-Key": KEY}, json={"image_id": "mock_dry"})
+    response = client.post(
+        "/analyze?image_id=../x", headers={"X-API-Key": KEY}, json={"image_id": "mock_dry"}
+    )
     assert response.status_code == 200 and response.get_json()["skin_type"] == "Dry"
 
 
@@ -1335,8 +1579,14 @@ def test_docs_render_and_try_it_out_in_a_real_browser(server):
         pytest.skip("needs Debian's chromium (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
-    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", "--no-first-run"]
+    flags = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+    ]
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=shutil.which("chromium"), args=flags)
         try:
@@ -1361,7 +1611,10 @@ def small_disk(tmp_path):
     """A 4 MiB tmpfs: a disk that really fills up and really turns read-only."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)]).returncode:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)]).returncode
+    ):
         pytest.skip("mounting a tmpfs needs root; test_storage_failure_leaves_nothing_behind covers ENOSPC")
     (mount / "uploads").mkdir()
     yield mount
@@ -1384,7 +1637,9 @@ def test_full_read_only_and_deleted_folders_fail_cleanly_and_recover(small_disk)
         session.headers["X-API-Key"] = KEY
 
         def send():
-            return session.post(running.url + "/upload", files={"file": ("a.jpg", unique_jpeg(900_000))}, timeout=30)
+            return session.post(
+                running.url + "/upload", files={"file": ("a.jpg", unique_jpeg(900_000))}, timeout=30
+            )
 
         statuses = [send().status_code for _ in range(6)]
         assert statuses[0] == 201 and statuses[-1] == 507, statuses
@@ -1416,8 +1671,10 @@ def test_sigterm_lets_uploads_in_flight_finish(uploads):
         connections = []
         for data in images:
             body = multipart([(b'Content-Disposition: form-data; name="file"; filename="a.jpg"', data)])
-            head = (b"POST /upload HTTP/1.1\r\nHost: x\r\nX-API-Key: %s\r\nContent-Length: %d\r\n"
-                    b"Content-Type: multipart/form-data; boundary=b0undary\r\n\r\n" % (KEY.encode(), len(body)))
+            head = (
+                b"POST /upload HTTP/1.1\r\nHost: x\r\nX-API-Key: %s\r\nContent-Length: %d\r\n"
+                b"Content-Type: multipart/form-data; boundary=b0undary\r\n\r\n" % (KEY.encode(), len(body))
+            )
             connection = socket.create_connection(("127.0.0.1", running.port), timeout=20)
             connection.sendall(head + body[: len(body) // 2])
             connections.append((connection, body[len(body) // 2 :]))
@@ -1448,13 +1705,33 @@ def oversized_requests():
     head = b"POST /upload HTTP/1.1\r\nHost: x\r\nX-API-Key: %s\r\n" % KEY.encode()
     multipart_type = b"Content-Type: multipart/form-data; boundary=b0undary\r\n"
     for megabytes in (6, 20, 60, 200):
-        yield f"{megabytes} MB body", head + multipart_type + b"Content-Length: %d\r\n\r\n" % (megabytes * 10**6), 413
-    many_parts = b'--b0undary\r\nContent-Disposition: form-data; name="f"\r\n\r\nv\r\n' * 10_000 + b"--b0undary--\r\n"
-    yield "10,000 parts", head + multipart_type + b"Content-Length: %d\r\n\r\n" % len(many_parts) + many_parts, 400
-    never_closed = b'--b0undary\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n' + b"x" * 100_000
-    yield "boundary never closes", head + multipart_type + b"Content-Length: %d\r\n\r\n" % len(never_closed) + never_closed, 400
+        yield (
+            f"{megabytes} MB body",
+            head + multipart_type + b"Content-Length: %d\r\n\r\n" % (megabytes * 10**6),
+            413,
+        )
+    many_parts = (
+        b'--b0undary\r\nContent-Disposition: form-data; name="f"\r\n\r\nv\r\n' * 10_000 + b"--b0undary--\r\n"
+    )
+    yield (
+        "10,000 parts",
+        head + multipart_type + b"Content-Length: %d\r\n\r\n" % len(many_parts) + many_parts,
+        400,
+    )
+    never_closed = (
+        b'--b0undary\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n' + b"x" * 100_000
+    )
+    yield (
+        "boundary never closes",
+        head + multipart_type + b"Content-Length: %d\r\n\r\n" % len(never_closed) + never_closed,
+        400,
+    )
     text_field = b'--b0undary\r\nContent-Disposition: form-data; name="file"\r\n\r\nhello\r\n--b0undary--\r\n'
-    yield "file is a text field", head + multipart_type + b"Content-Length: %d\r\n\r\n" % len(text_field) + text_field, 400
+    yield (
+        "file is a text field",
+        head + multipart_type + b"Content-Length: %d\r\n\r\n" % len(text_field) + text_field,
+        400,
+    )
     yield "1 MB header (gunicorn refuses it itself)", head + b"X-Junk: " + b"j" * 1_000_000 + b"\r\n\r\n", 431
 
 

@@ -83,7 +83,9 @@ def ensure_tools():
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         try:
             subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, stdout=sys.stderr)
-            subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env, stdout=sys.stderr)
+            subprocess.run(
+                ["apt-get", "install", "-y", "-qq", *missing], check=True, env=env, stdout=sys.stderr
+            )
         except (OSError, subprocess.CalledProcessError) as error:
             raise BenchError(f"cannot install {' '.join(missing)}: {error}") from error
     for tool in needed:
@@ -398,7 +400,9 @@ def header(mode_name, mode, tmp_fs):
     )
     wrk_version = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.split()[1:2]
     pinning = "server on CPU 0, wrk on CPU 1" if PIN else "not pinned (fewer than 2 cores)"
-    sample_wrk = wrk_command("<port>", "<path>", "<body file>", "<content type>", "<connections>", mode["window"])
+    sample_wrk = wrk_command(
+        "<port>", "<path>", "<body file>", "<content type>", "<connections>", mode["window"]
+    )
     return [
         "# Benchmark: service vs bare-WSGI ceiling",
         "",
@@ -492,7 +496,9 @@ def filesystem(path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 round of 2 s windows; do not write RESULTS.md")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 round of 2 s windows; do not write RESULTS.md"
+    )
     args = parser.parse_args()
     mode_name = "quick" if args.quick else "full"
     mode = MODES[mode_name]
