@@ -31,6 +31,7 @@ DEFAULTS = {
 # Room for the multipart envelope (boundaries, part headers, small extra fields) around the file.
 ENVELOPE_BYTES = 64 * 1024
 MAX_PARTS = 1000
+MAX_PART_HEADER_BYTES = 16 * 1024
 ANALYZE_BODY_BYTES = 16 * 1024
 RECEIVED = "app.received_body"  # environ key: a body StoredAnalysisShortcut has read, and its error
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:+/=-]{1,128}")
@@ -108,6 +109,7 @@ def create_app(env=None):
         raise SystemExit(f"Configuration error: {error}") from None
 
     app = Flask(__name__, static_folder=None)
+    app.url_map.merge_slashes = False  # "//upload" is a 404, not a redirect built from the Host header
     app.config.update(config)
     app.config["API_KEYS"] = tuple(key.encode() for key in keys)
     app.config["MAX_CONTENT_LENGTH"] = config["MAX_UPLOAD_BYTES"] + ENVELOPE_BYTES
@@ -539,7 +541,14 @@ def human_size(size):
 
 def _read_file_part():
     """Return the bytes of the multipart field ``file``, reading the body once and into memory."""
-    body = _read_body(current_app.config["MAX_CONTENT_LENGTH"], _file_too_large())
+    limit = current_app.config["MAX_UPLOAD_BYTES"]
+    too_large = ApiError(
+        413,
+        "file_too_large",
+        f"Files may be at most {limit} bytes ({human_size(limit)}), with at most {ENVELOPE_BYTES // 1024} KiB"
+        " of other form data; this request is larger.",
+    )
+    body = _read_body(current_app.config["MAX_CONTENT_LENGTH"], too_large)
     if request.mimetype != "multipart/form-data":
         raise ApiError(
             400,
@@ -690,9 +699,11 @@ def find_part(body, boundary, name):
         parts += 1
         if parts > MAX_PARTS:
             raise MultipartError(f"it has more than {MAX_PARTS} parts")
-        blank = _BLANK_LINE.search(body, position)
+        # Searched within a bound: part headers are a few lines, and parsing megabytes of them
+        # would cost seconds of CPU.
+        blank = _BLANK_LINE.search(body, position, position + MAX_PART_HEADER_BYTES)
         if blank is None:
-            raise MultipartError("a part's headers never end")
+            raise MultipartError(f"a part's headers do not end within {MAX_PART_HEADER_BYTES} bytes")
         headers = _part_headers(body[position : blank.start()])
         disposition = headers.get("content-disposition")
         if disposition is None:

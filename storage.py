@@ -165,7 +165,10 @@ class Storage:
         """Raise StorageUnavailable unless the folder exists, is writable and has room for an upload."""
         if not self.folder.is_dir() or not os.access(self.folder, os.W_OK | os.X_OK):
             raise StorageUnavailable("The uploads folder is missing or not writable.")
-        stats = os.statvfs(self.folder)
+        try:
+            stats = os.statvfs(self.folder)
+        except OSError as error:  # the folder went away since the line above
+            raise StorageUnavailable("The uploads folder is missing or not writable.") from error
         if stats.f_bavail * stats.f_frsize < min_free_bytes:
             raise StorageUnavailable("The disk holding the uploads folder is full.")
 

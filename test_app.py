@@ -239,6 +239,21 @@ def test_upload_refuses_one_byte_over_the_limit(client, uploads):
     assert stored_files(uploads) == []
 
 
+def test_form_data_around_the_file_may_add_64_kib(make_app, uploads):
+    client = make_app(MAX_UPLOAD_BYTES="2000").test_client()
+    note = ("note", b"n" * 60_000)
+    fits = multipart([(b'Content-Disposition: form-data; name="note"', note[1]), (FILE_HEADERS, make_jpeg(size=2000))])
+    too_much = fits.replace(note[1], note[1] * 2)
+    headers = {"X-API-Key": KEY, "Content-Type": "multipart/form-data; boundary=b0undary"}
+    assert client.post("/upload", headers=headers, data=fits).status_code == 201
+    detail = assert_problem(client.post("/upload", headers=headers, data=too_much), 413, "file_too_large")["detail"]
+    assert "64 KiB of other form data" in detail
+
+
+def test_doubled_slashes_are_not_redirected(client):
+    assert_problem(client.post("/api/v1//upload", headers={"X-API-Key": KEY}), 404, "not_found")
+
+
 def test_upload_limit_is_configurable(make_app, uploads):
     client = make_app(MAX_UPLOAD_BYTES="2000").test_client()
     assert upload(client, make_jpeg(size=2000)).status_code == 201
@@ -356,6 +371,11 @@ BAD_BODIES = {
     "part without content-disposition": (
         "multipart/form-data; boundary=b0undary",
         multipart([(b"Content-Type: image/png", make_png())]),
+        "invalid_multipart",
+    ),
+    "part headers over 16 KiB": (
+        "multipart/form-data; boundary=b0undary",
+        multipart([(FILE_HEADERS + b"\r\nX-Pad: " + b"a" * 17_000, make_png())]),
         "invalid_multipart",
     ),
     "too many parts": (
