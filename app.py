@@ -562,8 +562,9 @@ def _read_file_part():
     if part is None:
         raise ApiError(400, "missing_file", "The request has no multipart field named 'file'.")
     start, end = part
-    if end - start > current_app.config["MAX_UPLOAD_BYTES"]:
-        raise _file_too_large()
+    if end - start > limit:
+        detail = f"Files may be at most {limit} bytes ({human_size(limit)}); this one is larger."
+        raise ApiError(413, "file_too_large", detail)
     return body[start:end]
 
 
@@ -604,15 +605,6 @@ def _receive(environ, length, limit):
             400, "incomplete_body", "The request body ended before its declared Content-Length."
         )
     return body, None
-
-
-def _file_too_large():
-    limit = current_app.config["MAX_UPLOAD_BYTES"]
-    return ApiError(
-        413,
-        "file_too_large",
-        f"Files may be at most {limit} bytes ({human_size(limit)}); this one is larger.",
-    )
 
 
 class StoredAnalysisShortcut:
