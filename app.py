@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from dotenv import load_dotenv
 import swagger_ui_bundle
+from dotenv import load_dotenv
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, send_from_directory, url_for
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES, parse_options_header

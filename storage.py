@@ -163,12 +163,13 @@ class Storage:
 
     def check(self, min_free_bytes):
         """Raise StorageUnavailable unless the folder exists, is writable and has room for an upload."""
-        if not self.folder.is_dir() or not os.access(self.folder, os.W_OK | os.X_OK):
-            raise StorageUnavailable("The uploads folder is missing or not writable.")
         try:
-            stats = os.statvfs(self.folder)
-        except OSError as error:  # the folder went away since the line above
-            raise StorageUnavailable("The uploads folder is missing or not writable.") from error
+            usable = self.folder.is_dir() and os.access(self.folder, os.W_OK | os.X_OK)
+            stats = os.statvfs(self.folder)  # raises too if the folder vanished meanwhile
+        except OSError:
+            usable = False
+        if not usable:
+            raise StorageUnavailable("The uploads folder is missing or not writable.")
         if stats.f_bavail * stats.f_frsize < min_free_bytes:
             raise StorageUnavailable("The disk holding the uploads folder is full.")
 
@@ -184,7 +185,7 @@ class Storage:
         """Validate and durably store an upload under a new id."""
         info = inspect_image(data)
         image_id = str(uuid.uuid4())
-        self._write_new(self._path(image_id, EXTENSIONS[info.content_type]), data, replace=True)
+        self.write_new(self._path(image_id, EXTENSIONS[info.content_type]), data, replace=True)
         return StoredImage(image_id, info.content_type, len(data), info.width, info.height)
 
     def has_image(self, image_id):
@@ -227,7 +228,7 @@ class Storage:
             raise ImageNotFound(f"No image with id {image_id} exists.")
         record = analyze(image_id)
         record_path = self._path(image_id, ".json")
-        if self._write_new(record_path, record, replace=False):
+        if self.write_new(record_path, record, replace=False):
             return record, True
         # Another worker stored it first: theirs is the record of this image.
         return self.stored_analysis(image_id), False
@@ -247,7 +248,7 @@ class Storage:
         path = self.folder / KEY_FILE
         if not path.exists():
             # Workers starting together each try; link() lets exactly one file win.
-            self._write_new(path, secrets.token_urlsafe(32).encode(), replace=False)
+            self.write_new(path, secrets.token_urlsafe(32).encode(), replace=False)
         return path.read_text().strip(), path
 
     def _path(self, image_id, extension):
@@ -255,8 +256,8 @@ class Storage:
         # A plain string: pathlib's parsing is a visible share of a repeat analysis.
         return f"{self.folder}/{image_id}{extension}"
 
-    def _write_new(self, path, data, replace):
-        """Write ``data`` to ``path`` atomically and durably.
+    def write_new(self, path, data, replace):
+        """Write ``data`` to ``path`` in this folder atomically and durably: temp file, fsync, rename, fsync.
 
         With ``replace=False`` an existing file wins and False is returned, so
         concurrent writers of the same file agree on one version.

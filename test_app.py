@@ -242,11 +242,15 @@ def test_upload_refuses_one_byte_over_the_limit(client, uploads):
 def test_form_data_around_the_file_may_add_64_kib(make_app, uploads):
     client = make_app(MAX_UPLOAD_BYTES="2000").test_client()
     note = ("note", b"n" * 60_000)
-    fits = multipart([(b'Content-Disposition: form-data; name="note"', note[1]), (FILE_HEADERS, make_jpeg(size=2000))])
+    fits = multipart(
+        [(b'Content-Disposition: form-data; name="note"', note[1]), (FILE_HEADERS, make_jpeg(size=2000))]
+    )
     too_much = fits.replace(note[1], note[1] * 2)
     headers = {"X-API-Key": KEY, "Content-Type": "multipart/form-data; boundary=b0undary"}
     assert client.post("/upload", headers=headers, data=fits).status_code == 201
-    detail = assert_problem(client.post("/upload", headers=headers, data=too_much), 413, "file_too_large")["detail"]
+    detail = assert_problem(client.post("/upload", headers=headers, data=too_much), 413, "file_too_large")[
+        "detail"
+    ]
     assert "64 KiB of other form data" in detail
 
 
@@ -1384,6 +1388,10 @@ def unique_jpeg(size):
     return make_jpeg(size=size, comment=os.urandom(32))
 
 
+def no_temp_files(folder):
+    return not [p for p in Path(folder).iterdir() if p.name.startswith(storage.TEMP_PREFIX)]
+
+
 def image_files(folder):
     return {p.stem: p for p in Path(folder).iterdir() if p.suffix in (".jpg", ".png")}
 
@@ -1448,7 +1456,7 @@ def test_killed_workers_never_lose_or_corrupt_uploads(uploads):
     for image_id in set(files) - set(acknowledged):
         assert hashlib.sha256(files[image_id].read_bytes()).hexdigest() in sent
     Server(uploads, {"API_KEY": KEY}).stop()  # the next start removes what the kills left
-    assert not [p for p in uploads.iterdir() if p.name.startswith(storage.TEMP_PREFIX)]
+    assert no_temp_files(uploads)
 
 
 @pytest.mark.slow
@@ -1503,7 +1511,7 @@ def test_concurrent_uploads_and_analyses_across_workers(uploads):
         assert len(set(bodies)) == 1
         assert (uploads / f"{target}.json").read_bytes() == bodies[0]
         assert json.loads(bodies[0])["image_id"] == target
-        assert not [p for p in uploads.iterdir() if p.name.startswith(storage.TEMP_PREFIX)]
+        assert no_temp_files(uploads)
 
 
 def raw_request(server, data, shut_write=False):
@@ -1643,10 +1651,6 @@ def small_disk(tmp_path):
 
 def health_status(server):
     return requests.get(server.url + "/health", timeout=10).status_code
-
-
-def no_temp_files(folder):
-    return not [p for p in Path(folder).iterdir() if p.name.startswith(storage.TEMP_PREFIX)]
 
 
 @pytest.mark.slow

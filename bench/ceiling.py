@@ -4,7 +4,9 @@ import json
 import os
 import uuid
 
-UPLOAD_DIR = os.environ.get("UPLOAD_DIR", "uploads")
+import storage
+
+UPLOADS = storage.Storage(os.environ.get("UPLOAD_DIR", "uploads"))
 ANALYSIS = json.dumps(
     {"image_id": "00000000-0000-4000-8000-000000000000", "skin_type": "Oily", "issues": [], "confidence": 0.8}
 ).encode()
@@ -22,29 +24,11 @@ def app(environ, start_response):
     if path == "/analyze":
         return _json(start_response, "200 OK", ANALYSIS)
     image_id = str(uuid.uuid4())
-    _store(body, f"{image_id}.jpg")
+    # The service's own durable write (temp file, fsync, rename, folder fsync), none of its checks.
+    UPLOADS.write_new(UPLOADS.folder / f"{image_id}.jpg", body, replace=True)
     return _json(start_response, "201 Created", json.dumps({"image_id": image_id}).encode())
 
 
 def _json(start_response, status, body):
     start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
     return [body]
-
-
-def _store(data, name):
-    """Write ``data`` the service's durable way: temp file, fsync, rename, fsync the folder."""
-    temp = os.path.join(UPLOAD_DIR, f".tmp-{uuid.uuid4().hex}")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(temp, os.path.join(UPLOAD_DIR, name))
-    folder = os.open(UPLOAD_DIR, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
