@@ -1,11 +1,14 @@
 """HTTP layer of the skin analysis service: app factory, routes, auth, errors and logging."""
 
+import collections
+import contextlib
 import hmac
 import json
 import logging
 import os
 import re
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, 
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES, parse_options_header
 from werkzeug.middleware.proxy_fix import ProxyFix
+from werkzeug.wsgi import get_content_length
 
 import analysis
 import storage
@@ -33,7 +37,17 @@ ENVELOPE_BYTES = 64 * 1024
 MAX_PARTS = 1000
 MAX_PART_HEADER_BYTES = 16 * 1024
 ANALYZE_BODY_BYTES = 16 * 1024
-RECEIVED = "app.received_body"  # environ key: a body StoredAnalysisShortcut has read, and its error
+UPLOAD_PATHS = frozenset({"/upload", "/api/v1/upload"})
+ANALYZE_PATHS = frozenset({"/analyze", "/api/v1/analyze"})
+RECEIVED = "app.received_body"  # environ key: the body Admission received, and its error
+STARTED = "app.started"  # environ key: when Admission took the request, for its logged duration
+# Requests of one worker that run at once, once their body has arrived: two measured best on one
+# core (one runs while the other waits on an fsync); more only share the GIL.
+ACTIVE_REQUESTS = 2
+# Larger bodies wait for their turn in a file on disk, not in memory.
+SPOOL_BYTES = 256 * 1024
+# gunicorn's own read step: with smaller reads it copies its buffer again on every call.
+READ_STEP = 1024 * 1024
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:+/=-]{1,128}")
 # Log values that need no quotes: printable ASCII but for space, quote, equals and backslash.
 _LOGFMT_BARE = re.compile(r"[!#-<>-\[\]-~]+")
@@ -115,6 +129,7 @@ def create_app(env=None):
     app.config["MAX_CONTENT_LENGTH"] = config["MAX_UPLOAD_BYTES"] + ENVELOPE_BYTES
     app.json.sort_keys = False  # keep documented field order
     app.extensions["storage"] = folder
+    app.extensions["gate"] = FairGate(ACTIVE_REQUESTS)
 
     app.register_blueprint(api)
     app.register_blueprint(api, url_prefix="/api/v1", name="v1")
@@ -125,7 +140,7 @@ def create_app(env=None):
     app.register_error_handler(storage.StorageError, _storage_error)
     app.register_error_handler(Exception, _unexpected_error)
 
-    app.wsgi_app = StoredAnalysisShortcut(app)
+    app.wsgi_app = Admission(StoredAnalysisShortcut(app), app)
     if config["TRUSTED_PROXY_COUNT"]:
         count = config["TRUSTED_PROXY_COUNT"]
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=count, x_proto=count, x_host=count)
@@ -256,14 +271,13 @@ def public(view):
 
 
 def _before_request():
-    """Time the request, name it, bound its socket reads, answer preflights, check the key.
+    """Time the request, name it, answer preflights, check the key.
 
     One hook rather than several: Flask's cost per hook is a visible share of a request.
     """
-    g.started = time.perf_counter()
     environ = request.environ
+    g.started = environ.get(STARTED) or time.perf_counter()
     g.request_id = _request_id(environ)
-    _bound_socket(environ, current_app.config["CLIENT_TIMEOUT"])
     if (
         request.method == "OPTIONS"
         and "HTTP_ACCESS_CONTROL_REQUEST_METHOD" in environ
@@ -283,8 +297,8 @@ def _before_request():
 
 def _bound_socket(environ, timeout):
     if "gunicorn.socket" in environ:
-        # gunicorn's threads read bodies on a blocking socket with no timeout: a client that
-        # stops sending would hold a thread for ever.
+        # gunicorn's threads read and write on a blocking socket with no timeout: a client that
+        # stops sending, or stops reading its answer, would hold a thread for ever.
         environ["gunicorn.socket"].settimeout(timeout)
 
 
@@ -420,7 +434,11 @@ def upload():
     data = _read_file_part()
     if not data:
         raise ApiError(400, "empty_file", "The uploaded file is empty.")
-    stored = _storage().save_image(data)
+    # A small upload gives its turn away while it waits on the disk: it holds little memory,
+    # and the disk flushes several files together faster than one after another.
+    small = len(data) <= SPOOL_BYTES
+    with current_app.extensions["gate"].paused() if small else contextlib.nullcontext():
+        stored = _storage().save_image(data)
     g.log_fields = {
         "image_id": stored.image_id,
         "bytes": stored.size_bytes,
@@ -569,42 +587,131 @@ def _read_file_part():
 
 
 def _read_body(limit, too_large):
-    """Read the whole request body in one call; refuse one over ``limit``, before reading it if possible."""
-    environ = request.environ
-    if RECEIVED in environ:  # StoredAnalysisShortcut read it already
-        body, error = environ[RECEIVED]
-    else:
-        length = request.content_length
-        if length is not None and length > limit:
+    """The request body, as Admission received it; refuse one over ``limit`` or of unknown length."""
+    received = request.environ.get(RECEIVED)
+    if received is None:  # Admission leaves unread only what is refused here
+        if request.content_length is not None and request.content_length > limit:
             raise too_large  # answered without reading: the client stops sending
-        if length is None and not environ.get("wsgi.input_terminated"):
-            if request.headers.get("Transfer-Encoding"):
-                raise ApiError(411, "length_required", "Send the body with a Content-Length header.")
-            return b""
-        body, error = _receive(environ, length, limit)
+        if request.headers.get("Transfer-Encoding"):
+            raise ApiError(411, "length_required", "Send the body with a Content-Length header.")
+        return b""
+    body, error = received
     if error:
         raise error
     if len(body) > limit:
         raise too_large
-    return body
+    return body.read() if isinstance(body, storage.Spool) else body
 
 
-def _receive(environ, length, limit):
-    """Read a body of ``length`` bytes (None: up to ``limit`` + 1); return it and the ApiError, if any."""
-    try:
-        # One large read: reading 64 KiB at a time makes gunicorn copy its buffer on every call.
-        body = environ["wsgi.input"].read(limit + 1 if length is None else length)
-    except TimeoutError:
-        return b"", ApiError(408, "request_timeout", "The client stopped sending its request body.")
-    except OSError:  # the client went away mid-body; the answer is for the case it still listens
-        return b"", ApiError(400, "incomplete_body", "The request body ended before it was complete.")
-    except Exception:  # the server's own parse errors, such as gunicorn's for bad chunked encoding
-        return b"", ApiError(400, "invalid_body", "The request body's transfer encoding is malformed.")
-    if length is not None and len(body) < length:
-        return body, ApiError(
-            400, "incomplete_body", "The request body ended before its declared Content-Length."
+class FairGate:
+    """A semaphore that lets waiting threads in by order of arrival.
+
+    threading.Semaphore lets a thread that just arrived take a freed slot ahead of those already
+    waiting, and under load some requests then wait many turns (analyze p99 at 7x its p50).
+    """
+
+    def __init__(self, slots):
+        self._lock = threading.Lock()
+        self._free = slots
+        self._waiting = collections.deque()
+
+    def __enter__(self):
+        with self._lock:
+            if self._free:  # never while others wait: __exit__ hands its slot to the first of them
+                self._free -= 1
+                return
+            turn = threading.Lock()
+            turn.acquire()
+            self._waiting.append(turn)
+        turn.acquire()
+
+    def __exit__(self, *exc_info):
+        with self._lock:
+            if self._waiting:
+                self._waiting.popleft().release()
+            else:
+                self._free += 1
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Give a slot this thread holds to the next in line, and queue for one again afterwards."""
+        self.__exit__()
+        try:
+            yield
+        finally:
+            self.__enter__()
+
+
+class Admission:
+    """WSGI middleware: receive a request's body first, then let ACTIVE_REQUESTS requests run at once.
+
+    gunicorn's gthread worker spends a thread on every request for as long as its client takes to
+    send it, so workers have many threads (gunicorn.conf.py) for slow clients to wait on. Running
+    them all at once on one core would only add GIL contention (64 threads: analyze p99 at 7x its
+    p50), so the work itself is admitted a few requests at a time, and bodies over SPOOL_BYTES
+    wait on disk rather than in memory. Only bodies a view would accept are read here: upload and
+    analyze bodies within their limit, with a valid key. The views refuse the rest unread.
+    """
+
+    def __init__(self, app, flask_app):
+        self.app = app
+        self.config = flask_app.config
+        self.storage = flask_app.extensions["storage"]
+        self.gate = flask_app.extensions["gate"]
+
+    def __call__(self, environ, start_response):
+        environ[STARTED] = time.perf_counter()
+        _bound_socket(environ, self.config["CLIENT_TIMEOUT"])
+        path = environ.get("PATH_INFO")
+        limit = (
+            self.config["MAX_CONTENT_LENGTH"]
+            if path in UPLOAD_PATHS
+            else ANALYZE_BODY_BYTES if path in ANALYZE_PATHS else None
         )
-    return body, None
+        if (
+            limit is not None
+            and environ["REQUEST_METHOD"] == "POST"
+            and _key_is_valid(environ, self.config["API_KEYS"])
+        ):
+            length = get_content_length(environ)
+            if length is None and environ.get("wsgi.input_terminated"):
+                environ[RECEIVED] = self._receive(environ["wsgi.input"], limit + 1, None)
+            elif length is not None and length <= limit:
+                environ[RECEIVED] = self._receive(environ["wsgi.input"], length, length)
+        with self.gate:
+            return self.app(environ, start_response)
+
+    def _receive(self, stream, size, length):
+        """Read up to ``size`` bytes of a body of ``length`` (None: unknown); return it and the error, if any."""
+        try:
+            body = self._read(stream, size)
+        except storage.StorageError as error:
+            return b"", error
+        except TimeoutError:
+            return b"", ApiError(408, "request_timeout", "The client stopped sending its request body.")
+        except OSError:  # the client went away mid-body; the answer is for the case it still listens
+            return b"", ApiError(400, "incomplete_body", "The request body ended before it was complete.")
+        except Exception:  # the server's own parse errors, such as gunicorn's for bad chunked encoding
+            return b"", ApiError(400, "invalid_body", "The request body's transfer encoding is malformed.")
+        if length is not None and len(body) < length:
+            if isinstance(body, storage.Spool):
+                body.close()
+            return b"", ApiError(
+                400, "incomplete_body", "The request body ended before its declared Content-Length."
+            )
+        return body, None
+
+    def _read(self, stream, size):
+        if size <= SPOOL_BYTES:
+            return stream.read(size)  # one read: each read copies gunicorn's buffer
+        spool = self.storage.spool()
+        try:
+            while len(spool) < size and (chunk := stream.read(min(READ_STEP, size - len(spool)))):
+                spool.write(chunk)
+        except BaseException:
+            spool.close()
+            raise
+        return spool
 
 
 class StoredAnalysisShortcut:
@@ -612,12 +719,11 @@ class StoredAnalysisShortcut:
 
     A stored analysis never changes, and Flask's own cost per request is most of what an
     analyze costs: a bare Flask route reaches about 0.57 of a plain WSGI app here (bench/).
-    Only the everyday request is answered here: POST /analyze with a valid key, no CORS, and a
-    JSON body naming an image analyzed before. Everything else, every error included, goes on
-    to Flask, which owns the rules; both give the same answer (test_app.py checks).
+    Only the everyday request is answered here: POST /analyze whose body Admission received
+    (so with a valid key), no CORS, and a JSON body naming an image analyzed before. Everything
+    else, every error included, goes on to Flask, which owns the rules; both give the same
+    answer (test_app.py checks).
     """
-
-    PATHS = frozenset({"/analyze", "/api/v1/analyze"})
 
     def __init__(self, app):
         self.flask = app.wsgi_app
@@ -625,22 +731,16 @@ class StoredAnalysisShortcut:
         self.storage = app.extensions["storage"]
 
     def __call__(self, environ, start_response):
-        started = time.perf_counter()
-        length = environ.get("CONTENT_LENGTH", "")
+        received = environ.get(RECEIVED)
         if (
-            environ.get("PATH_INFO") not in self.PATHS
-            or environ["REQUEST_METHOD"] != "POST"
+            received is None
+            or received[1] is not None
+            or environ.get("PATH_INFO") not in ANALYZE_PATHS
             or environ.get("QUERY_STRING")
             or self.config["CORS_ORIGINS"]
-            or not length.isdecimal()
-            or not 0 < int(length) <= ANALYZE_BODY_BYTES
-            or not _key_is_valid(environ, self.config["API_KEYS"])
         ):
             return self.flask(environ, start_response)
-        _bound_socket(environ, self.config["CLIENT_TIMEOUT"])
-        body, error = _receive(environ, int(length), ANALYZE_BODY_BYTES)
-        environ[RECEIVED] = body, error  # for Flask, if it answers after all
-        image_id = None if error else _image_id_in(body)
+        image_id = _image_id_in(received[0])
         record = self._stored(image_id) if image_id is not None and storage.is_image_id(image_id) else None
         if record is None:
             return self.flask(environ, start_response)
@@ -653,7 +753,7 @@ class StoredAnalysisShortcut:
         start_response("200 OK", headers)
         fields = {"image_id": image_id, "analysis": "stored"}
         _log_request(
-            "POST", environ["PATH_INFO"], 200, started, request_id, environ.get("REMOTE_ADDR"), fields
+            "POST", environ["PATH_INFO"], 200, environ[STARTED], request_id, environ.get("REMOTE_ADDR"), fields
         )
         return [record]
 

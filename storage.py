@@ -6,6 +6,7 @@ import os
 import re
 import secrets
 import struct
+import tempfile
 import uuid
 import zlib
 from dataclasses import dataclass
@@ -288,10 +289,16 @@ class Storage:
             if created:  # not durable, and the caller will report a failure: take it back
                 with contextlib.suppress(OSError):
                     os.unlink(path)
-            if error.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StorageFull("The disk holding the uploads folder is full.") from error
-            raise StorageUnavailable("The uploads folder could not be written.") from error
+            raise _write_error(error) from error
         return created
+
+    def spool(self):
+        """Open a Spool in this folder: on its disk, not in memory, and never left behind."""
+        try:
+            # Unnamed (O_TMPFILE) where the system allows: a crash leaves nothing to clean up.
+            return Spool(tempfile.TemporaryFile(dir=self.folder, buffering=0))
+        except OSError as error:
+            raise _write_error(error) from error
 
     def _sync_folder(self):
         # The rename is only durable once the directory entry itself is on disk.
@@ -300,3 +307,44 @@ class Storage:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+class Spool:
+    """A request body waiting for its turn in a temporary file, so that it holds no memory meanwhile."""
+
+    def __init__(self, file):
+        self.file = file
+        self.size = 0
+
+    def __len__(self):
+        return self.size
+
+    def write(self, chunk):
+        try:
+            view = memoryview(chunk)
+            while view:
+                view = view[self.file.write(view) :]
+        except OSError as error:
+            self.close()
+            raise _write_error(error) from error
+        self.size += len(chunk)
+
+    def read(self):
+        """Return the whole body and delete the file."""
+        try:
+            self.file.seek(0)
+            return self.file.read()
+        except OSError as error:
+            raise StorageUnavailable("The uploads folder could not be read.") from error
+        finally:
+            self.close()
+
+    def close(self):
+        self.file.close()
+
+
+def _write_error(error):
+    """The StorageError for an OSError met while writing to the uploads folder."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFull("The disk holding the uploads folder is full.")
+    return StorageUnavailable("The uploads folder could not be written.")

@@ -1,6 +1,7 @@
 """Tests of the HTTP contract, built from the app factory with a temporary uploads folder."""
 
 import builtins
+import functools
 import hashlib
 import io
 import json
@@ -736,12 +737,12 @@ def test_stored_analysis_shortcut_answers_exactly_as_flask(make_app, capsys):
     client = app.test_client()
     image_id = upload(client, make_jpeg()).get_json()["image_id"]
     analyze(client, image_id)
-    shortcut = app.wsgi_app
-    assert isinstance(shortcut, app_module.StoredAnalysisShortcut)
+    admission = app.wsgi_app
+    assert isinstance(admission.app, app_module.StoredAnalysisShortcut)
     capsys.readouterr()
-    fast = call_wsgi(shortcut, image_id)
+    fast = call_wsgi(admission, image_id)
     fast_log = capsys.readouterr().out
-    slow = call_wsgi(shortcut.flask, image_id)
+    slow = call_wsgi(app_module.Admission(admission.app.flask, app), image_id)
     slow_log = capsys.readouterr().out
     assert fast == slow and fast[0] == "200 OK"
 
@@ -1180,6 +1181,17 @@ def test_env_file_is_read_but_environment_wins(tmp_path, monkeypatch):
 # --- against a real gunicorn server -----------------------------------------------
 
 
+@pytest.fixture
+def record(capsys):
+    """Print a measured figure in the test run's output, for the closing notes."""
+
+    def write(name, value):
+        with capsys.disabled():
+            print(f"\n[figure] {name}: {value}")
+
+    return write
+
+
 class Server:
     """gunicorn started as the Procfile starts it, on a free loopback port."""
 
@@ -1370,6 +1382,64 @@ def test_stalled_upload_is_cut_off_and_discarded(uploads):
         assert stored_files(uploads) == []
 
 
+@pytest.mark.slow
+def test_slow_and_silent_clients_do_not_hold_up_others(uploads, record):
+    """Trickling uploads, silent connections and dribbled headers; a good client is still served."""
+    body = multipart([(FILE_HEADERS, make_jpeg(size=1_000_000))])
+    head = (
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nX-API-Key: %s\r\nContent-Length: %d\r\n"
+        b"Content-Type: multipart/form-data; boundary=b0undary\r\n\r\n" % (KEY.encode(), len(body))
+    )
+    with Server(uploads, {"API_KEY": KEY}) as running:  # the Procfile's settings: 2 workers
+        connect = functools.partial(socket.create_connection, ("127.0.0.1", running.port), timeout=10)
+        silent = [connect() for _ in range(20)]
+        trickling = [connect() for _ in range(20)]
+        dribbling = [connect() for _ in range(10)]
+        for client in trickling:
+            client.sendall(head)
+        stop = threading.Event()
+
+        def misbehave():
+            sent = 0
+            while not stop.wait(0.5):  # 4 bytes a second each
+                for client in trickling:
+                    client.sendall(body[sent : sent + 2])
+                for client in dribbling:
+                    client.sendall(head[sent : sent + 2])
+                sent += 2
+
+        misbehaving = threading.Thread(target=misbehave)
+        misbehaving.start()
+        slowest = 0
+        try:
+            session = requests.Session()
+            session.headers["X-API-Key"] = KEY
+            deadline = time.monotonic() + 12  # past gunicorn's 5 s wait on silent connections
+            while time.monotonic() < deadline:
+                started = time.monotonic()
+                # A new connection each time, so both workers are tried.
+                close = {"Connection": "close"}
+                assert session.get(running.url + "/health", headers=close, timeout=5).status_code == 200
+                created = session.post(
+                    running.url + "/upload", files={"file": make_png()}, headers=close, timeout=5
+                )
+                assert created.status_code == 201
+                image_id = created.json()["image_id"]
+                analyzed = session.post(
+                    running.url + "/analyze", json={"image_id": image_id}, headers=close, timeout=5
+                )
+                assert analyzed.status_code == 200
+                slowest = max(slowest, time.monotonic() - started)
+        finally:
+            stop.set()
+            misbehaving.join()
+            for client in silent + trickling + dribbling:
+                client.close()
+        record("slow clients: slowest health+upload+analyze round", f"{slowest:.3f} s")
+        assert slowest < 2
+        assert running.process.poll() is None
+
+
 def analyze_over_http(server, image_id):
     return requests.post(
         server.url + "/analyze", headers={"X-API-Key": KEY}, json={"image_id": image_id}, timeout=10
@@ -1409,8 +1479,8 @@ def wait_healthy(server, within=10):
 
 
 @pytest.mark.slow
-def test_killed_workers_never_lose_or_corrupt_uploads(uploads):
-    running = Server(uploads, {"API_KEY": KEY, "WEB_CONCURRENCY": "2", "GUNICORN_THREADS": "4"})
+def test_killed_workers_never_lose_or_corrupt_uploads(uploads, record):
+    running = Server(uploads, {"API_KEY": KEY})  # the Procfile's settings: 2 workers
     sent, acknowledged, stop = {}, {}, threading.Event()
 
     def client(seed):
@@ -1457,6 +1527,11 @@ def test_killed_workers_never_lose_or_corrupt_uploads(uploads):
         assert hashlib.sha256(files[image_id].read_bytes()).hexdigest() in sent
     Server(uploads, {"API_KEY": KEY}).stop()  # the next start removes what the kills left
     assert no_temp_files(uploads)
+    record(
+        "worker kills",
+        f"{kills} SIGKILLs, {len(sent)} uploads sent, {len(acknowledged)} acknowledged and byte-identical,"
+        f" {len(set(files) - set(acknowledged))} complete but unacknowledged",
+    )
 
 
 @pytest.mark.slow
@@ -1760,7 +1835,7 @@ def oversized_requests():
 
 
 @pytest.mark.slow
-def test_oversized_and_malformed_requests_are_refused_cheaply(server, uploads):
+def test_oversized_and_malformed_requests_are_refused_cheaply(server, uploads, record):
     while len(worker_pids(server)) < 2 or not all(health_status(server) == 200 for _ in range(10)):
         time.sleep(0.1)  # both workers up and warm before the baseline
     baseline = worker_rss_kib(server)
@@ -1771,5 +1846,8 @@ def test_oversized_and_malformed_requests_are_refused_cheaply(server, uploads):
             answer = b""  # refused and closed while we were still sending: allowed for abuse
         assert answer == b"" or answer.startswith(b"HTTP/1.1 %d" % status), (label, answer[:100])
         assert health_status(server) == 200, label
-    assert worker_rss_kib(server) - baseline < 8 * 1024  # two workers, two passes: a few MB at most
+    growth = worker_rss_kib(server) - baseline
+    assert growth < 8 * 1024  # two workers, two passes: a few MB at most
     assert stored_files(uploads) == []
+    peaks = [re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())[1] for pid in worker_pids(server)]
+    record("oversized requests", f"RSS growth {growth} KiB over both workers; peak RSS {peaks} KiB")
