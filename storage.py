@@ -29,6 +29,19 @@ JPEG_SOS, JPEG_EOI = 0xDA, b"\xff\xd9"
 JPEG_MARKER = re.compile(rb"\xff+([^\xff])")
 MAX_JPEG_HEADER_SEGMENTS = 1024  # real files have a few dozen; a cap stops crafted ones
 
+# Where photos say where they were taken: Exif (its GPS IFD) and XMP in JPEG APP1 segments,
+# IPTC in APP13, free text in comments, anything in vendors' APPn; Exif and text chunks in PNG.
+# All are removed but what decoding needs (JFIF APP0, ICC profiles and MPF in APP2, Adobe's
+# colour transform in APP14) and Exif's Orientation, kept in a minimal Exif segment of its own.
+JPEG_APP0, JPEG_APP1 = 0xE0, 0xE1
+JPEG_METADATA = frozenset(range(0xE0, 0xF0)) - {JPEG_APP0, 0xE2, 0xEE} | {0xFE}
+PNG_METADATA = frozenset({b"eXIf", b"tEXt", b"zTXt", b"iTXt"})
+EXIF_HEADER = b"Exif\0\0"
+TIFF_BYTE_ORDERS = {b"II": "<", b"MM": ">"}
+TIFF_SHORT = 3
+ORIENTATION_TAG = 0x0112
+IFD_POINTER_TAGS = frozenset({0x8769, 0x8825, 0xA005})  # Exif, GPS and Interoperability IFDs
+
 
 class StorageError(Exception):
     """Base of everything storage refuses or fails at."""
@@ -109,51 +122,155 @@ def _png_size(data):
     width, height = struct.unpack_from(">II", data, 16)
     if not (0 < width < 2**31 and 0 < height < 2**31):
         raise InvalidImage("The PNG header declares an impossible size.")
-    offset = 33
+    for _ in _png_chunks(data):
+        pass
+    return width, height
+
+
+def _png_chunks(data):
+    """Yield ``(kind, start, end)`` of each chunk through IEND; raise InvalidImage if IEND is missing."""
+    offset = len(PNG_SIGNATURE)
     while offset + 12 <= len(data):
         length, kind = struct.unpack_from(">I4s", data, offset)
-        offset += 12 + length
-        if kind == b"IEND":
+        end = offset + 12 + length
+        if end > len(data):
             break
-    else:
-        offset = len(data) + 1
-    if offset > len(data):
-        raise InvalidImage("The PNG file is truncated (no IEND chunk).")
-    return width, height
+        yield kind, offset, end
+        if kind == b"IEND":
+            return
+        offset = end
+    raise InvalidImage("The PNG file is truncated (no IEND chunk).")
 
 
 def _jpeg_size(data):
     """Walk the JPEG header segments to the start of scan; return the frame's width and height."""
     size = None
+    for marker, _, body, end in _jpeg_segments(data):
+        if marker in JPEG_SOF:
+            if end - body < 8:
+                raise InvalidImage("The JPEG frame header is too short.")
+            height, width = struct.unpack_from(">HH", data, body + 3)
+            if not width or not height:
+                raise InvalidImage("The JPEG frame header declares no size.")
+            size = width, height
+    if size is None:
+        raise InvalidImage("The JPEG file has no frame header before its image data.")
+    if data.rfind(JPEG_EOI, end) == -1:
+        raise InvalidImage("The JPEG file is truncated or corrupt.")
+    return size
+
+
+def _jpeg_segments(data):
+    """Yield ``(marker, start, body, end)`` of each header segment, the start of scan last.
+
+    ``start`` is where its marker (with any fill bytes) begins, ``body`` where its length field
+    does. Raise InvalidImage when the segments do not lead to a start of scan.
+    """
     offset = 2
     for _ in range(MAX_JPEG_HEADER_SEGMENTS):
         match = JPEG_MARKER.match(data, offset)
         if match is None:
             raise InvalidImage("The JPEG file is corrupt (expected a marker).")
         marker = data[match.start(1)]
-        offset = match.end()
+        start, offset = match.start(), match.end()
         if marker in JPEG_STANDALONE:
+            yield marker, start, offset, offset
             continue
         if offset + 2 > len(data):
             break
         (length,) = struct.unpack_from(">H", data, offset)
         if length < 2 or offset + length > len(data):
             break
-        if marker in JPEG_SOF:
-            if length < 8:
-                raise InvalidImage("The JPEG frame header is too short.")
-            height, width = struct.unpack_from(">HH", data, offset + 3)
-            if not width or not height:
-                raise InvalidImage("The JPEG frame header declares no size.")
-            size = width, height
-        offset += length
+        yield marker, start, offset, offset + length
         if marker == JPEG_SOS:
-            if size is None:
-                raise InvalidImage("The JPEG file has no frame header before its image data.")
-            if data.rfind(JPEG_EOI, offset) == -1:
-                break
-            return size
+            return
+        offset += length
     raise InvalidImage("The JPEG file is truncated or corrupt.")
+
+
+def strip_location(data, content_type):
+    """Remove the metadata that can locate a photo but keep its orientation; never re-encode.
+
+    Takes an image inspect_image() accepted; returns ``data`` itself when there is nothing to remove.
+    """
+    if content_type == "image/jpeg":
+        return _strip_jpeg(data)
+    return _strip_png(data)
+
+
+def _strip_jpeg(data):
+    view = memoryview(data)
+    kept, removed, exif_seen, orientation, jfif_first = [], False, False, None, False
+    for marker, start, body, end in _jpeg_segments(data):
+        if marker == JPEG_SOS:
+            kept.append(view[start:])  # the image data, to the end of the file, untouched
+        elif marker not in JPEG_METADATA:
+            jfif_first = jfif_first or (not kept and marker == JPEG_APP0)
+            kept.append(view[start:end])
+        else:
+            removed = True
+            if marker == JPEG_APP1 and not exif_seen and data[body + 2 : body + 8] == EXIF_HEADER:
+                exif_seen = True
+                orientation = _orientation_only(data[body + 8 : end])
+    if not removed:
+        return data
+    if orientation:
+        exif = EXIF_HEADER + orientation
+        kept.insert(1 if jfif_first else 0, bytes([0xFF, JPEG_APP1]) + struct.pack(">H", len(exif) + 2) + exif)
+    return b"".join([view[:2], *kept])
+
+
+def _strip_png(data):
+    view = memoryview(data)
+    kept, removed, exif_seen = [view[: len(PNG_SIGNATURE)]], False, False
+    for kind, start, end in _png_chunks(data):
+        if kind not in PNG_METADATA:
+            kept.append(view[start:end])
+            continue
+        removed = True
+        if kind == b"eXIf" and not exif_seen:
+            exif_seen = True
+            orientation = _orientation_only(data[start + 8 : end - 4])
+            if orientation:
+                checked = b"eXIf" + orientation
+                kept.append(struct.pack(">I", len(orientation)) + checked + struct.pack(">I", zlib.crc32(checked)))
+    if not removed:
+        return data
+    kept.append(view[end:])  # what follows IEND, as inspect_image() accepted it
+    return b"".join(kept)
+
+
+def _orientation_only(tiff):
+    """A minimal Exif TIFF block holding just the Orientation of ``tiff``; None if it has none or is malformed.
+
+    Only the first IFD is read. Pointers to further IFDs are checked but never followed, so no
+    crafted chain can loop; one that points back or out of bounds marks the whole block as
+    malformed, and then no metadata at all is kept.
+    """
+    order = TIFF_BYTE_ORDERS.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return None
+    magic, ifd = struct.unpack_from(order + "HI", tiff, 2)
+    if magic != 42 or not 8 <= ifd <= len(tiff) - 2:
+        return None
+    (entries,) = struct.unpack_from(order + "H", tiff, ifd)
+    entries_end = ifd + 2 + 12 * entries
+    if entries_end + 4 > len(tiff):
+        return None
+    pointers = [struct.unpack_from(order + "I", tiff, entries_end)[0]]
+    orientation = None
+    for entry in range(ifd + 2, entries_end, 12):
+        tag, kind, count, value = struct.unpack_from(order + "HHIH", tiff, entry)
+        if tag in IFD_POINTER_TAGS:
+            pointers.append(struct.unpack_from(order + "I", tiff, entry + 8)[0])
+        elif tag == ORIENTATION_TAG and orientation is None:
+            orientation = value if kind == TIFF_SHORT and count == 1 else 0
+    if any(p and (p == ifd or not 8 <= p <= len(tiff) - 2) for p in pointers):
+        return None
+    if orientation not in range(2, 9):  # 1 is the default: nothing to keep
+        return None
+    fields = (42, 8, 1, ORIENTATION_TAG, TIFF_SHORT, 1, orientation, 0, 0)
+    return tiff[:2] + struct.pack(order + "HIHHHIHHI", *fields)
 
 
 class Storage:
@@ -183,8 +300,9 @@ class Storage:
         return removed
 
     def save_image(self, data):
-        """Validate and durably store an upload under a new id."""
+        """Validate an upload, strip its location metadata and store it durably under a new id."""
         info = inspect_image(data)
+        data = strip_location(data, info.content_type)
         image_id = str(uuid.uuid4())
         self.write_new(self._path(image_id, EXTENSIONS[info.content_type]), data, replace=True)
         return StoredImage(image_id, info.content_type, len(data), info.width, info.height)

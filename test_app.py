@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -71,33 +72,33 @@ def jpeg_segment(marker, payload):
     return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
 
 
-def make_jpeg(width=16, height=8, size=None, comment=b""):
-    """A valid, decodable baseline greyscale JPEG; comment segments pad it to exactly ``size`` bytes."""
+def make_jpeg(width=16, height=8, size=None, noise=b"", segments=()):
+    """A valid, decodable baseline greyscale JPEG, padded to exactly ``size`` bytes in its scan data.
+
+    ``noise`` goes into the scan data too, so that otherwise equal images differ; ``segments``
+    are extra header segments after APP0.
+    """
     blocks = -(-width // 8) * -(-height // 8)
     head = b"".join(
         [
             b"\xff\xd8",
-            jpeg_segment(0xFE, comment) if comment else b"",
             jpeg_segment(0xE0, b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"),
+            *segments,
             jpeg_segment(0xDB, b"\x00" + b"\x01" * 64),
             jpeg_segment(0xC0, struct.pack(">BHHB", 8, height, width, 1) + b"\x01\x11\x00"),
             # One-symbol Huffman tables: DC difference 0 and end-of-block, each coded as a 0 bit.
             jpeg_segment(0xC4, b"\x00" + b"\x01" + b"\x00" * 15 + b"\x00"),
             jpeg_segment(0xC4, b"\x10" + b"\x01" + b"\x00" * 15 + b"\x00"),
+            jpeg_segment(0xDA, b"\x01\x01\x00\x00\x3f\x00"),
         ]
     )
-    scan = jpeg_segment(0xDA, b"\x01\x01\x00\x00\x3f\x00") + b"\x00" * -(-blocks * 2 // 8) + b"\xff\xd9"
-    padding = b""
+    # All-zero bits decode every block; decoders skip what follows them up to the EOI marker.
+    data = b"\x00" * -(-blocks * 2 // 8) + noise
     if size is not None:
-        missing = size - len(head) - len(scan)
-        assert missing >= 0 and missing != 1 and missing != 2 and missing != 3
-        while missing:
-            take = min(missing, 65537)
-            if missing - take in (1, 2, 3):
-                take -= 4
-            padding += jpeg_segment(0xFE, b"\x00" * (take - 4))
-            missing -= take
-    return head + padding + scan
+        missing = size - len(head) - len(data) - 2
+        assert missing >= 0
+        data += b"\x00" * missing
+    return head + data + b"\xff\xd9"
 
 
 # --- fixtures ------------------------------------------------------------------
@@ -468,6 +469,143 @@ def test_unfinished_uploads_are_ignored_and_removed_at_start(make_app, uploads):
     assert not leftover.exists()
     assert stored_files(uploads) == []
     assert analyze(client, str(uuid.uuid4())).status_code == 404
+
+
+# --- location metadata ---------------------------------------------------------------
+
+# Orientation 6 alone, written out by hand rather than with the code under test.
+MINIMAL_EXIF = {
+    "<": b"II*\x00\x08\x00\x00\x00\x01\x00\x12\x01\x03\x00\x01\x00\x00\x00\x06\x00\x00\x00\x00\x00\x00\x00",
+    ">": b"MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00\x00\x00\x00\x00",
+}
+ICC = jpeg_segment(0xE2, b"ICC_PROFILE\x00\x01\x01a colour profile")
+LOCATING_SEGMENTS = [
+    jpeg_segment(0xE1, b"http://ns.adobe.com/xap/1.0/\x00<exif:GPSLatitude>52,31.2N</exif:GPSLatitude>"),
+    jpeg_segment(0xED, b"Photoshop 3.0\x008BIM\x04\x04\x00\x00\x00\x00\x00\x0c\x1c\x02\x5a\x00\x06Berlin"),
+    jpeg_segment(0xFE, b"shot at 52.52N 13.40E"),
+    jpeg_segment(0xEB, b"JP\x00\x00vendor data: lat 52.52"),
+]
+
+
+def exif_tiff(order="<", orientation=6, orientation_type=3, ifd0=8, ifd0_next=0, gps_pointer=None, magic=42):
+    """An Exif block: IFD0 with Make, Orientation and a pointer to a GPS IFD holding a position."""
+
+    def pack(fmt, *values):
+        return struct.pack(order + fmt, *values)
+
+    def ifd(entries, next_ifd):
+        packed = b"".join(pack("HHI", t, k, c) + v.ljust(4, b"\x00") for t, k, c, v in entries)
+        return pack("H", len(entries)) + packed + pack("I", next_ifd)
+
+    entries = [(0x010F, 2, 4, b"Pix\x00")]
+    if orientation is not None:
+        entries.append((0x0112, orientation_type, 1, pack("H", orientation)))
+    gps_offset = 8 + 2 + 12 * (len(entries) + 1) + 4
+    entries.append((0x8825, 4, 1, pack("I", gps_offset if gps_pointer is None else gps_pointer)))
+    gps = [(1, 2, 2, b"N\x00"), (3, 2, 2, b"E\x00")]
+    header = (b"II" if order == "<" else b"MM") + pack("HI", magic, ifd0)
+    return header + ifd(entries, ifd0_next) + ifd(gps, 0) + b"GPS 52.52N 13.40E"
+
+
+def exif_segment(tiff):
+    return jpeg_segment(0xE1, b"Exif\x00\x00" + tiff)
+
+
+def stored_image(uploads, response):
+    assert response.status_code == 201, response.get_json()
+    body = response.get_json()
+    extension = storage.EXTENSIONS[body["content_type"]]
+    data = (uploads / f"{body['image_id']}{extension}").read_bytes()
+    assert body["size_bytes"] == len(data)
+    return data
+
+
+@pytest.mark.parametrize("order", ["<", ">"], ids=["little-endian", "big-endian"])
+def test_upload_drops_location_metadata_but_keeps_orientation(client, uploads, order):
+    sent = make_jpeg(segments=[exif_segment(exif_tiff(order)), ICC, *LOCATING_SEGMENTS])
+    stored = stored_image(uploads, upload(client, sent))
+    assert stored == make_jpeg(segments=[exif_segment(MINIMAL_EXIF[order]), ICC])
+
+
+def test_orientation_goes_first_when_there_is_no_jfif_segment():
+    rest = make_jpeg()[20:]  # the segments after APP0, and the image data
+    sent = b"\xff\xd8" + exif_segment(exif_tiff()) + rest
+    assert storage.strip_location(sent, "image/jpeg") == b"\xff\xd8" + exif_segment(MINIMAL_EXIF["<"]) + rest
+
+
+@pytest.mark.parametrize("orientation", [1, None], ids=["upright", "absent"])
+def test_no_orientation_segment_when_there_is_nothing_to_keep(client, uploads, orientation):
+    sent = make_jpeg(segments=[exif_segment(exif_tiff(orientation=orientation))])
+    assert stored_image(uploads, upload(client, sent)) == make_jpeg()
+
+
+@pytest.mark.parametrize(
+    "data, content_type",
+    [(make_jpeg(segments=[ICC]), "image/jpeg"), (make_png(), "image/png")],
+    ids=["jpeg", "png"],
+)
+def test_images_without_metadata_are_stored_as_sent(client, uploads, data, content_type):
+    assert storage.strip_location(data, content_type) is data  # no copy of a large upload
+    assert stored_image(uploads, upload(client, data, content_type=content_type)) == data
+
+
+MALFORMED_EXIF = {
+    "empty": lambda order: b"",
+    "truncated-header": lambda order: exif_tiff(order)[:6],
+    "bad-byte-order": lambda order: b"XX" + exif_tiff(order)[2:],
+    "bad-magic-number": lambda order: exif_tiff(order, magic=43),
+    "ifd-past-the-end": lambda order: exif_tiff(order, ifd0=5000),
+    "ifd-inside-the-header": lambda order: exif_tiff(order, ifd0=4),
+    "entry-count-overruns": lambda order: exif_tiff(order)[:8] + struct.pack(order + "H", 500) + exif_tiff(order)[10:],
+    "entries-cut-short": lambda order: exif_tiff(order)[:30],
+    "orientation-not-a-short": lambda order: exif_tiff(order, orientation_type=4),
+    "orientation-0": lambda order: exif_tiff(order, orientation=0),
+    "orientation-9": lambda order: exif_tiff(order, orientation=9),
+    "ifd-chain-loops": lambda order: exif_tiff(order, ifd0_next=8),
+    "ifd-chain-past-the-end": lambda order: exif_tiff(order, ifd0_next=0xFFFFFFF0),
+    "gps-pointer-loops": lambda order: exif_tiff(order, gps_pointer=8),
+    "gps-pointer-past-the-end": lambda order: exif_tiff(order, gps_pointer=99999),
+}
+
+
+@pytest.mark.parametrize("order", ["<", ">"], ids=["little-endian", "big-endian"])
+@pytest.mark.parametrize("make_tiff", MALFORMED_EXIF.values(), ids=MALFORMED_EXIF.keys())
+def test_malformed_exif_is_stored_with_no_metadata_at_all(client, uploads, order, make_tiff):
+    sent = make_jpeg(segments=[exif_segment(make_tiff(order)), *LOCATING_SEGMENTS])
+    assert stored_image(uploads, upload(client, sent)) == make_jpeg()
+
+
+def test_corrupted_exif_never_breaks_an_upload():
+    rng = random.Random(20261122)
+    exif = b"Exif\x00\x00" + exif_tiff()
+    allowed = {b"", exif_segment(MINIMAL_EXIF["<"])} | {
+        exif_segment(MINIMAL_EXIF[order][:-8] + struct.pack(order + "HHI", value, 0, 0))
+        for order in "<>"
+        for value in range(2, 9)
+    }
+    for _ in range(500):
+        damaged = bytearray(exif)
+        for _ in range(rng.randint(1, 6)):
+            damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+        del damaged[rng.randrange(len(damaged) + 1) if rng.random() < 0.3 else len(damaged) :]
+        stripped = storage.strip_location(make_jpeg(segments=[jpeg_segment(0xE1, bytes(damaged))]), "image/jpeg")
+        plain = make_jpeg()
+        assert stripped.endswith(plain[20:])  # every segment after APP0 and the image data, untouched
+        assert stripped[:20] == plain[:20] and stripped[20:-len(plain[20:])] in allowed
+        assert storage.inspect_image(stripped).content_type == "image/jpeg"
+
+
+@pytest.mark.parametrize("order", ["<", ">"], ids=["little-endian", "big-endian"])
+def test_png_text_and_exif_chunks_are_dropped(client, uploads, order):
+    gamma = png_chunk(b"gAMA", struct.pack(">I", 45455))
+    text = [
+        png_chunk(b"tEXt", b"Comment\x00GPS 52.52 13.40"),
+        png_chunk(b"zTXt", b"Location\x00\x00" + zlib.compress(b"Berlin")),
+        png_chunk(b"iTXt", b"XML:com.adobe.xmp\x00\x00\x00\x00\x00<exif:GPSLatitude>52,31N</exif:GPSLatitude>"),
+    ]
+    sent = make_png(extra_chunks=[png_chunk(b"eXIf", exif_tiff(order)), *text, gamma])
+    stored = stored_image(uploads, upload(client, sent, content_type="image/png"))
+    assert stored == make_png(extra_chunks=[png_chunk(b"eXIf", MINIMAL_EXIF[order]), gamma])
 
 
 # --- multipart parsing, against Werkzeug's own parser ---------------------------
@@ -1455,7 +1593,7 @@ def worker_pids(server):
 
 
 def unique_jpeg(size):
-    return make_jpeg(size=size, comment=os.urandom(32))
+    return make_jpeg(size=size, noise=os.urandom(16).hex().encode())
 
 
 def no_temp_files(folder):
