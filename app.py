@@ -1,7 +1,8 @@
-"""HTTP layer of the skin analysis service: app factory, routes, auth, errors and logging."""
+"""HTTP layer of the skin analysis service: app factory, routes, auth, errors, logs, purge command."""
 
 import collections
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
@@ -12,9 +13,11 @@ import threading
 import time
 from pathlib import Path
 
+import click
 import swagger_ui_bundle
 from dotenv import load_dotenv
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, send_from_directory, url_for
+from flask.cli import with_appcontext
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES, parse_options_header
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -31,6 +34,8 @@ DEFAULTS = {
     "CORS_ORIGINS": "",
     "TRUSTED_PROXY_COUNT": "0",
     "CLIENT_TIMEOUT": "20",
+    "IDEMPOTENCY_TTL_HOURS": "24",
+    "RETENTION_DAYS": "",
 }
 # Room for the multipart envelope (boundaries, part headers, small extra fields) around the file.
 ENVELOPE_BYTES = 64 * 1024
@@ -49,10 +54,12 @@ SPOOL_BYTES = 256 * 1024
 # gunicorn's own read step: with smaller reads it copies its buffer again on every call.
 READ_STEP = 1024 * 1024
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:+/=-]{1,128}")
+# An Idempotency-Key once its quotes are off: printable ASCII but for quotes and backslashes.
+IDEMPOTENCY_KEY = re.compile(r"[ !#-\[\]-~]{1,255}")
 # Log values that need no quotes: printable ASCII but for space, quote, equals and backslash.
 _LOGFMT_BARE = re.compile(r"[!#-<>-\[\]-~]+")
-CORS_ALLOW_HEADERS = "Content-Type, X-API-Key, X-Request-ID"
-CORS_EXPOSE_HEADERS = "Location, X-Request-ID"
+CORS_ALLOW_HEADERS = "Content-Type, Idempotency-Key, X-API-Key, X-Request-ID"
+CORS_EXPOSE_HEADERS = "Idempotent-Replayed, Location, X-Request-ID"
 
 OPENAPI_FILE = Path(__file__).with_name("openapi.json")
 # The Swagger UI files /docs needs, served from the pinned package: no CDN, works offline.
@@ -100,6 +107,8 @@ STORAGE_ERRORS = {
     storage.InvalidImage: (400, "invalid_image"),
     storage.ImageTooLarge: (400, "image_too_large"),
     storage.ImageNotFound: (404, "image_not_found"),
+    storage.IdempotencyConflict: (409, "idempotency_conflict"),
+    storage.IdempotencyKeyReused: (422, "idempotency_key_reused"),
     storage.StorageFull: (507, "storage_unavailable"),
     storage.StorageUnavailable: (503, "storage_unavailable"),
 }
@@ -117,7 +126,7 @@ def create_app(env=None):
     try:
         config = _parse_config(settings)
         _configure_logging(config["LOG_LEVEL"], config["LOG_FORMAT"])
-        folder = storage.Storage(config["UPLOAD_DIR"])
+        folder = storage.Storage(config["UPLOAD_DIR"], idempotency_ttl=config["IDEMPOTENCY_TTL_HOURS"] * 3600)
         keys = _open_folder(folder, config["API_KEYS"])
     except ConfigError as error:
         raise SystemExit(f"Configuration error: {error}") from None
@@ -134,6 +143,7 @@ def create_app(env=None):
     app.register_blueprint(api)
     app.register_blueprint(api, url_prefix="/api/v1", name="v1")
     app.register_blueprint(docs)
+    app.cli.add_command(purge_command)
     app.before_request(_before_request)
     app.after_request(_after_request)
     app.register_error_handler(HTTPException, _problem_response)
@@ -174,8 +184,13 @@ def _open_folder(folder, keys):
 def _parse_config(settings):
     """Validate the settings; raise ConfigError naming the first bad one."""
     config = {"API_KEYS": tuple(k.strip() for k in settings.get("API_KEY", "").split(",") if k.strip())}
-    for name, minimum in (("MAX_UPLOAD_BYTES", 1), ("TRUSTED_PROXY_COUNT", 0), ("CLIENT_TIMEOUT", 1)):
+    numbers = [("MAX_UPLOAD_BYTES", 1), ("TRUSTED_PROXY_COUNT", 0), ("CLIENT_TIMEOUT", 1)]
+    numbers += [("IDEMPOTENCY_TTL_HOURS", 1), ("RETENTION_DAYS", 1)]
+    for name, minimum in numbers:
         value = settings[name].strip()
+        if name == "RETENTION_DAYS" and not value:
+            config[name] = None  # keep images for ever
+            continue
         if not value.isdecimal() or int(value) < minimum:
             raise ConfigError(f"{name} must be a whole number of at least {minimum}, got {value!r}.")
         config[name] = int(value)
@@ -318,9 +333,9 @@ def _key_is_valid(environ, keys):
 
 def _preflight():
     """Answer a CORS preflight, which browsers send without the API key."""
-    response = Response(status=204)
+    response = _no_content()
     if _allowed_origin():
-        response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
         response.headers["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
         response.headers["Access-Control-Max-Age"] = "600"
     return response
@@ -431,22 +446,28 @@ def health():
 
 @api.post("/upload")
 def upload():
+    idempotency_key = _idempotency_key()
     data = _read_file_part()
     if not data:
         raise ApiError(400, "empty_file", "The uploaded file is empty.")
     # A small upload gives its turn away while it waits on the disk: it holds little memory,
-    # and the disk flushes several files together faster than one after another.
-    small = len(data) <= SPOOL_BYTES
-    with current_app.extensions["gate"].paused() if small else contextlib.nullcontext():
-        stored = _storage().save_image(data)
+    # and the disk flushes several files together faster than one after another. Not with an
+    # idempotency key: a delete waiting for that key's lock may hold the turn it would need back.
+    pause = len(data) <= SPOOL_BYTES and idempotency_key is None
+    with current_app.extensions["gate"].paused() if pause else contextlib.nullcontext():
+        stored, replayed = _storage().save_image(data, idempotency_key)
     g.log_fields = {
         "image_id": stored.image_id,
         "bytes": stored.size_bytes,
         "type": stored.content_type,
         "width": stored.width,
         "height": stored.height,
+        **({"replayed": True} if replayed else {}),
     }
-    return _image_body(stored), 201, {"Location": url_for(".image", image_id=stored.image_id)}
+    headers = {"Location": url_for(".image", image_id=stored.image_id)}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return _image_body(stored), 201, headers
 
 
 @api.get("/images/<image_id>")
@@ -455,9 +476,17 @@ def image(image_id):
     stored = _storage().image(image_id)
     return {
         **_image_body(stored),
-        "uploaded_at": stored.uploaded_at.isoformat().replace("+00:00", "Z"),
+        "uploaded_at": _rfc3339(stored.uploaded_at),
         "analyzed": stored.analyzed,
     }
+
+
+@api.delete("/images/<image_id>")
+def delete_image(image_id):
+    _check_image_id(image_id)
+    _storage().delete(image_id)
+    g.log_fields = {"image_id": image_id}
+    return _no_content()
 
 
 @api.post("/analyze")
@@ -493,6 +522,26 @@ def docs_asset(asset):
     return send_from_directory(swagger_ui_bundle.swagger_ui_path, asset, max_age=86400)
 
 
+@click.command("purge")
+@click.option("--older-than", type=click.IntRange(min=1), metavar="DAYS", help="Age in days; default RETENTION_DAYS.")
+@click.option("--dry-run", is_flag=True, help="List what would be deleted, and delete nothing.")
+@with_appcontext
+def purge_command(older_than, dry_run):
+    """Delete the images uploaded more than RETENTION_DAYS (or --older-than) days ago."""
+    days = older_than or current_app.config["RETENTION_DAYS"]
+    if days is None:
+        raise click.UsageError("RETENTION_DAYS is not set (images are kept for ever): pass --older-than DAYS.")
+    verb = "would delete" if dry_run else "deleted"
+    count = 0
+    for image_id, uploaded_at in _storage().purge(time.time() - days * 86400, dry_run):
+        click.echo(f"{verb} {image_id} uploaded {_rfc3339(uploaded_at)}")
+        count += 1
+    if count:
+        click.echo(f"{count} image{'s' * (count != 1)} {verb}: uploaded more than {days} days ago.")
+    else:
+        click.echo(f"Nothing to delete: no image was uploaded more than {days} days ago.")
+
+
 # --- helpers -----------------------------------------------------------------
 
 
@@ -505,6 +554,24 @@ def _check_image_id(image_id, fixtures_too=False):
         also = " or a fixture id such as mock_oily" if fixtures_too else ""
         detail = f"image_id must be an id returned by /upload (a lowercase UUID){also}."
         raise ApiError(400, "invalid_image_id", detail)
+
+
+def _idempotency_key():
+    """The client's Idempotency-Key as a digest that also names its API key; None without one."""
+    value = request.headers.get("Idempotency-Key")
+    if value is None:
+        return None
+    if len(value) >= 2 and value[0] == value[-1] == '"':  # a structured-field string
+        value = value[1:-1]
+    if not IDEMPOTENCY_KEY.fullmatch(value):
+        raise ApiError(
+            400,
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1 to 255 printable ASCII characters, without quotes or"
+            " backslashes inside, optionally in double quotes.",
+        )
+    api_key = request.environ["HTTP_X_API_KEY"].encode("latin-1")
+    return hashlib.sha256(api_key + b"\n" + value.encode()).hexdigest()
 
 
 def _analyze_image_id():
@@ -545,6 +612,16 @@ def _image_body(stored):
         "width": stored.width,
         "height": stored.height,
     }
+
+
+def _no_content():
+    response = Response(status=204)
+    del response.headers["Content-Type"]  # there is no content to have a type
+    return response
+
+
+def _rfc3339(moment):
+    return moment.isoformat().replace("+00:00", "Z")
 
 
 def human_size(size):

@@ -2,11 +2,15 @@
 
 import contextlib
 import errno
+import fcntl
+import hashlib
+import json
 import os
 import re
 import secrets
 import struct
 import tempfile
+import time
 import uuid
 import zlib
 from dataclasses import dataclass
@@ -15,8 +19,13 @@ from pathlib import Path
 
 MAX_PIXELS = 100_000_000
 IMAGE_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+DIGEST = re.compile(r"[0-9a-f]{64}")  # how idempotency keys are named on disk
 TEMP_PREFIX = ".tmp-"
 KEY_FILE = ".api_key"
+# An idempotency key's record, named by the key's digest; it is also the lock its uploads take.
+IDEMPOTENCY_PREFIX = ".idem-"
+# Beside an image uploaded with an idempotency key: that key's digest, so the record can go with it.
+IDEMPOTENCY_SUFFIX = ".idem"
 MIN_KEY_LENGTH = 32
 EXTENSIONS = {"image/jpeg": ".jpg", "image/png": ".png"}
 
@@ -61,6 +70,14 @@ class ImageTooLarge(StorageError):
 
 class ImageNotFound(StorageError):
     """No image is stored under this id."""
+
+
+class IdempotencyConflict(StorageError):
+    """An upload with this idempotency key is still being processed."""
+
+
+class IdempotencyKeyReused(StorageError):
+    """This idempotency key was used for an upload of other bytes."""
 
 
 class StorageUnavailable(StorageError):
@@ -276,8 +293,9 @@ def _orientation_only(tiff):
 class Storage:
     """Images as ``<image_id>.jpg|.png``, their analyses as ``<image_id>.json``, all in one folder."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, idempotency_ttl=24 * 3600):
         self.folder = Path(folder)
+        self.idempotency_ttl = idempotency_ttl
 
     def check(self, min_free_bytes):
         """Raise StorageUnavailable unless the folder exists, is writable and has room for an upload."""
@@ -299,13 +317,53 @@ class Storage:
             removed += 1
         return removed
 
-    def save_image(self, data):
-        """Validate an upload, strip its location metadata and store it durably under a new id."""
+    def save_image(self, data, idempotency_key=None):
+        """Validate an upload and store it durably under a new id; return ``(StoredImage, replayed)``.
+
+        With an ``idempotency_key`` (a digest naming the client and its key), the first upload is
+        remembered for ``idempotency_ttl`` seconds: a retry of the same bytes gets it back
+        (``replayed``) instead of storing a second copy. The key's record is written before the
+        image, so a retry after a crash in between finishes the same upload.
+        """
         info = inspect_image(data)
+        if idempotency_key is None:
+            return self._store(str(uuid.uuid4()), data, info), False
+        fingerprint = hashlib.sha256(data).hexdigest()
+        with self._idempotency_record(idempotency_key, wait=False) as record:
+            if record.value is None:
+                record.write({"image_id": str(uuid.uuid4()), "sha256": fingerprint})
+            elif record.value["sha256"] != fingerprint:
+                raise IdempotencyKeyReused("This Idempotency-Key was already used for a different file.")
+            elif self.has_image(record.value["image_id"]):
+                return self.image(record.value["image_id"]), True
+            # A new key, or one whose first upload stopped before its image was stored: store it.
+            image_id = record.value["image_id"]
+            self.write_new(self._path(image_id, IDEMPOTENCY_SUFFIX), idempotency_key.encode(), replace=True)
+            return self._store(image_id, data, info), False
+
+    def _store(self, image_id, data, info):
         data = strip_location(data, info.content_type)
-        image_id = str(uuid.uuid4())
         self.write_new(self._path(image_id, EXTENSIONS[info.content_type]), data, replace=True)
         return StoredImage(image_id, info.content_type, len(data), info.width, info.height)
+
+    def delete(self, image_id):
+        """Remove an image, its analysis and its idempotency record; raise ImageNotFound if there is none."""
+        key = (self._read(self._path(image_id, IDEMPOTENCY_SUFFIX)) or b"").decode("ascii", "replace")
+        # Holding the key's lock: a retry of the upload cannot see the record and then store the
+        # image again after it was deleted.
+        locked = (
+            self._idempotency_record(key, wait=True, create=False) if DIGEST.fullmatch(key) else contextlib.nullcontext()
+        )
+        with locked as record:
+            removed = [self._unlink(self._path(image_id, ext)) for ext in EXTENSIONS.values()]
+            if not any(removed):
+                raise ImageNotFound(f"No image with id {image_id} exists.")
+            # After the image: an analysis written meanwhile sees it gone and removes itself.
+            self._unlink(self._path(image_id, ".json"))
+            if record is not None and record.value and record.value["image_id"] == image_id:
+                record.delete()
+            self._unlink(self._path(image_id, IDEMPOTENCY_SUFFIX))
+            self._sync_folder()
 
     def has_image(self, image_id):
         return any(os.path.exists(self._path(image_id, ext)) for ext in EXTENSIONS.values())
@@ -347,20 +405,48 @@ class Storage:
             raise ImageNotFound(f"No image with id {image_id} exists.")
         record = analyze(image_id)
         record_path = self._path(image_id, ".json")
-        if self.write_new(record_path, record, replace=False):
+        created = self.write_new(record_path, record, replace=False)
+        if not self.has_image(image_id):  # deleted meanwhile: leave no analysis behind
+            self._unlink(record_path)
+            raise ImageNotFound(f"No image with id {image_id} exists.")
+        if created:
             return record, True
         # Another worker stored it first: theirs is the record of this image.
-        return self.stored_analysis(image_id), False
+        stored = self.stored_analysis(image_id)
+        if stored is None:
+            raise ImageNotFound(f"No image with id {image_id} exists.")
+        return stored, False
 
     def stored_analysis(self, image_id):
         """The stored analysis of an image, or None when it has none yet."""
-        try:
-            with open(self._path(image_id, ".json"), "rb") as file:
-                return file.read()
-        except FileNotFoundError:
-            return None
-        except OSError as error:
-            raise StorageUnavailable("The analysis record could not be read.") from error
+        return self._read(self._path(image_id, ".json"))
+
+    def purge(self, uploaded_before, dry_run=False):
+        """Delete the images uploaded before a time and the expired idempotency records.
+
+        Yields ``(image_id, uploaded_at)`` for each image deleted (or, with ``dry_run``, due).
+        """
+        with os.scandir(self.folder) as entries:
+            names = [entry.name for entry in entries]
+        for name in names:
+            try:
+                mtime = os.stat(f"{self.folder}/{name}").st_mtime
+            except FileNotFoundError:  # deleted meanwhile
+                continue
+            image_id, extension = os.path.splitext(name)
+            if extension in EXTENSIONS.values() and is_image_id(image_id) and mtime < uploaded_before:
+                uploaded_at = datetime.fromtimestamp(int(mtime), timezone.utc)
+                if dry_run:
+                    yield image_id, uploaded_at
+                    continue
+                with contextlib.suppress(ImageNotFound):  # deleted meanwhile
+                    self.delete(image_id)
+                    yield image_id, uploaded_at
+            elif name.startswith(IDEMPOTENCY_PREFIX) and mtime < time.time() - self.idempotency_ttl and not dry_run:
+                key = name[len(IDEMPOTENCY_PREFIX) :]
+                with contextlib.suppress(IdempotencyConflict), self._idempotency_record(key, wait=False) as record:
+                    if record.value is None:
+                        record.delete()
 
     def api_key(self):
         """Return ``(key, path)`` of the key made on first start, shared by every worker and restart."""
@@ -369,6 +455,60 @@ class Storage:
             # Workers starting together each try; link() lets exactly one file win.
             self.write_new(path, secrets.token_urlsafe(32).encode(), replace=False)
         return path.read_text().strip(), path
+
+    @contextlib.contextmanager
+    def _idempotency_record(self, key, wait, create=True):
+        """Lock the record of an idempotency key and yield it; raise IdempotencyConflict if it is busy.
+
+        With ``create=False``, yield None when the key has no record.
+        """
+        path = f"{self.folder}/{IDEMPOTENCY_PREFIX}{key}"
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
+            except FileNotFoundError:
+                yield None
+                return
+            except OSError as error:
+                raise _write_error(error) from error
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # A delete may have removed the file while we waited: only the one at path counts.
+                if os.path.samestat(os.fstat(fd), os.stat(path)):
+                    break
+            except BlockingIOError:
+                os.close(fd)
+                raise IdempotencyConflict(
+                    "An upload with this Idempotency-Key is still in progress; retry it later."
+                ) from None
+            except FileNotFoundError:
+                pass
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+        try:
+            yield IdempotencyRecord(self, fd, path)
+        finally:
+            os.close(fd)  # releases the lock; so does the death of the process
+
+    def _read(self, path):
+        try:
+            with open(path, "rb") as file:
+                return file.read()
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            raise StorageUnavailable("The uploads folder could not be read.") from error
+
+    def _unlink(self, path):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        except OSError as error:
+            raise _write_error(error) from error
+        return True
 
     def _path(self, image_id, extension):
         # Only ids that passed is_image_id() reach here: they cannot name another folder.
@@ -425,6 +565,49 @@ class Storage:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+class IdempotencyRecord:
+    """The record of an idempotency key, read and written in place while its lock is held.
+
+    ``value`` is ``{"image_id", "sha256", "created_at"}``, or None when the key is new, expired,
+    or its record was cut short by a crash (which happens before its image is stored).
+    """
+
+    def __init__(self, storage, fd, path):
+        self.storage = storage
+        self.fd = fd
+        self.path = path
+        self.value = self._load()
+
+    def _load(self):
+        try:
+            value = json.loads(os.pread(self.fd, 4096, 0))
+        except (OSError, ValueError):
+            return None
+        if (
+            not isinstance(value, dict)
+            or not is_image_id(str(value.get("image_id")))
+            or not isinstance(value.get("sha256"), str)
+            or not isinstance(value.get("created_at"), int)
+            or value["created_at"] < time.time() - self.storage.idempotency_ttl
+        ):
+            return None
+        return value
+
+    def write(self, value):
+        value = {**value, "created_at": int(time.time())}
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, json.dumps(value).encode(), 0)
+            os.fsync(self.fd)
+            self.storage._sync_folder()  # a new record's name is on disk before its image is
+        except OSError as error:
+            raise _write_error(error) from error
+        self.value = value
+
+    def delete(self):
+        self.storage._unlink(self.path)
 
 
 class Spool:

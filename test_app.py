@@ -17,8 +17,10 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 import zlib
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -128,10 +130,10 @@ def stored_files(folder):
     return sorted(p.name for p in Path(folder).iterdir() if p.name != storage.KEY_FILE)
 
 
-def upload(client, data, filename="photo.jpg", content_type="image/jpeg", key=KEY, path="/upload"):
+def upload(client, data, filename="photo.jpg", content_type="image/jpeg", key=KEY, path="/upload", headers=None):
     return client.post(
         path,
-        headers={"X-API-Key": key},
+        headers={"X-API-Key": key, **(headers or {})},
         data={"file": (io.BytesIO(data), filename, content_type)},
         content_type="multipart/form-data",
     )
@@ -1053,6 +1055,10 @@ def test_hostile_ids_are_refused_before_touching_the_filesystem(client, uploads,
         400,
         "invalid_image_id",
     )
+    for method in ("GET", "DELETE"):
+        # In a path, a slash or NUL can also miss the route: 404 rather than 400, as safe.
+        response = client.open("/images/" + urllib.parse.quote(bad_id), method=method, headers={"X-API-Key": KEY})
+        assert response.status_code in (400, 404) and response.mimetype == "application/problem+json"
     assert filesystem_calls == []
     assert stored_files(uploads) == [f"{REAL_ID}.jpg"]
 
@@ -1060,6 +1066,7 @@ def test_hostile_ids_are_refused_before_touching_the_filesystem(client, uploads,
 def test_unknown_id_touches_only_the_uploads_folder(client, uploads, filesystem_calls):
     filesystem_calls.clear()
     assert_problem(analyze(client, str(uuid.uuid4())), 404, "image_not_found")
+    assert_problem(delete(client, str(uuid.uuid4())), 404, "image_not_found")
     assert filesystem_calls
     assert all(Path(path).parent == uploads for path in filesystem_calls if isinstance(path, str))
 
@@ -1079,12 +1086,248 @@ def test_image_metadata(client, image_id):
     assert_problem(client.get(f"/images/{image_id}.jpg", headers={"X-API-Key": KEY}), 400, "invalid_image_id")
 
 
+# --- delete ----------------------------------------------------------------------
+
+
+def delete(client, image_id, key=KEY, path="/images/"):
+    return client.delete(path + image_id, headers={"X-API-Key": key})
+
+
+@pytest.mark.parametrize("prefix", ["", "/api/v1"])
+def test_delete_removes_the_image_and_everything_about_it(make_app, uploads, prefix, capsys):
+    client = make_app().test_client()
+    image_id = upload(client, make_jpeg()).get_json()["image_id"]
+    analyze(client, image_id)
+    response = delete(client, image_id, path=prefix + "/images/")
+    assert response.status_code == 204 and response.data == b"" and "Content-Type" not in response.headers
+    assert stored_files(uploads) == []
+    assert_problem(client.get(f"/images/{image_id}", headers={"X-API-Key": KEY}), 404, "image_not_found")
+    assert_problem(analyze(client, image_id), 404, "image_not_found")
+    assert_problem(delete(client, image_id), 404, "image_not_found")
+    assert f"method=DELETE path={prefix}/images/{image_id} status=204" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad_id", ["nope", f"{REAL_ID}.jpg", REAL_ID.upper(), "..", "mock_oily"])
+def test_delete_refuses_malformed_ids(client, uploads, image_id, bad_id):
+    assert_problem(delete(client, bad_id), 400, "invalid_image_id")
+    assert len(stored_files(uploads)) == 1
+
+
+def test_analysis_racing_a_delete_is_never_left_behind(make_app, uploads, monkeypatch):
+    app = make_app()
+    folder = app.extensions["storage"]
+    image_id = upload(app.test_client(), make_jpeg()).get_json()["image_id"]
+    real_write = folder.write_new
+
+    def delete_meanwhile(path, data, replace):
+        created = real_write(path, data, replace)
+        if path.endswith(".json"):  # the worst moment: after the image was checked, before its re-check
+            assert delete(app.test_client(), image_id).status_code == 204
+        return created
+
+    monkeypatch.setattr(folder, "write_new", delete_meanwhile)
+    assert_problem(analyze(app.test_client(), image_id), 404, "image_not_found")
+    assert stored_files(uploads) == []
+
+
+# --- safe retries: Idempotency-Key ----------------------------------------------------
+
+
+def upload_once(client, data, idempotency_key, key=KEY):
+    return upload(client, data, key=key, headers={"Idempotency-Key": idempotency_key})
+
+
+def image_names(folder):
+    return sorted(p.name for p in Path(folder).iterdir() if p.suffix in (".jpg", ".png"))
+
+
+def test_a_retry_gets_the_first_upload_back(client, uploads):
+    data = unique_jpeg(20_000)
+    first = upload_once(client, data, '"retry-1"')
+    again = upload_once(client, data, "retry-1")  # the same key, quoted or not
+    assert first.status_code == again.status_code == 201
+    assert again.data == first.data and again.headers["Location"] == first.headers["Location"]
+    assert again.headers["Idempotent-Replayed"] == "true" and "Idempotent-Replayed" not in first.headers
+    assert image_names(uploads) == [first.get_json()["image_id"] + ".jpg"]
+
+
+def test_idempotency_keys_belong_to_one_api_key(make_app, uploads):
+    client = make_app(API_KEY=f"{KEY},{OTHER_KEY}").test_client()
+    data = unique_jpeg(20_000)
+    mine = upload_once(client, data, "k", key=KEY).get_json()["image_id"]
+    theirs = upload_once(client, data, "k", key=OTHER_KEY).get_json()["image_id"]
+    assert mine != theirs and len(image_names(uploads)) == 2
+
+
+def test_the_same_key_with_other_bytes_is_refused(client, uploads):
+    first = upload_once(client, unique_jpeg(20_000), "k").get_json()["image_id"]
+    assert_problem(upload_once(client, unique_jpeg(20_000), "k"), 422, "idempotency_key_reused")
+    assert image_names(uploads) == [first + ".jpg"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["", '""', '"', '"unbalanced', "k" * 256, "caf\u00e9", "tab\there", 'a"b', "back\\slash"],
+    ids=["empty", "empty-quoted", "lone-quote", "unbalanced", "256-chars", "non-ascii", "control", "inner-quote", "backslash"],
+)
+def test_malformed_idempotency_keys_are_refused(client, uploads, value):
+    response = upload(client, make_jpeg(), headers={"Idempotency-Key": value.encode().decode("latin-1")})
+    assert_problem(response, 400, "invalid_idempotency_key")
+    assert stored_files(uploads) == []
+
+
+def test_the_longest_key_is_accepted(client):
+    assert upload_once(client, make_jpeg(), "k" * 255).status_code == 201
+
+
+def test_a_retry_during_the_first_upload_is_a_conflict(make_app, uploads, monkeypatch):
+    app = make_app()
+    folder = app.extensions["storage"]
+    inside, release = threading.Event(), threading.Event()
+    real_store = folder._store
+
+    def slow_store(*args):
+        inside.set()
+        release.wait(10)
+        return real_store(*args)
+
+    monkeypatch.setattr(folder, "_store", slow_store)
+    data = unique_jpeg(20_000)
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(upload_once, app.test_client(), data, "k")
+        assert inside.wait(10)
+        assert_problem(upload_once(app.test_client(), data, "k"), 409, "idempotency_conflict")
+        release.set()
+        assert first.result().status_code == 201
+    assert upload_once(app.test_client(), data, "k").data == first.result().data
+
+
+def test_a_crash_between_the_key_and_the_image_does_not_make_two_images(make_app, uploads, monkeypatch):
+    app = make_app()
+    folder = app.extensions["storage"]
+    data = unique_jpeg(20_000)
+    with monkeypatch.context() as patch:
+        patch.setattr(folder, "_store", lambda *args: (_ for _ in ()).throw(storage.StorageUnavailable("down")))
+        assert_problem(upload_once(app.test_client(), data, "k"), 503, "storage_unavailable")
+    assert image_names(uploads) == []
+    retried = upload_once(app.test_client(), data, "k")
+    assert retried.status_code == 201 and "Idempotent-Replayed" not in retried.headers
+    assert upload_once(app.test_client(), data, "k").headers["Idempotent-Replayed"] == "true"
+    assert image_names(uploads) == [retried.get_json()["image_id"] + ".jpg"]
+
+
+def test_keys_are_forgotten_after_their_time(make_app, uploads, monkeypatch):
+    client = make_app(IDEMPOTENCY_TTL_HOURS="1").test_client()
+    data = unique_jpeg(20_000)
+    first = upload_once(client, data, "k").get_json()["image_id"]
+    later = time.time() + 3601
+    monkeypatch.setattr(storage.time, "time", lambda: later)
+    second = upload_once(client, data, "k")
+    assert "Idempotent-Replayed" not in second.headers and second.get_json()["image_id"] != first
+
+
+def test_deleting_an_image_whose_key_expired_leaves_no_record(make_app, uploads, monkeypatch):
+    app = make_app(IDEMPOTENCY_TTL_HOURS="1")
+    image_id = upload_once(app.test_client(), unique_jpeg(20_000), "k").get_json()["image_id"]
+    later = time.time() + 7200
+    monkeypatch.setattr(storage.time, "time", lambda: later)
+    app.test_cli_runner().invoke(args=["purge", "--older-than", "1"])  # removes the expired record
+    assert delete(app.test_client(), image_id).status_code == 204
+    assert stored_files(uploads) == []
+
+
+def test_deleting_an_image_forgets_its_key(client, uploads):
+    data = unique_jpeg(20_000)
+    first = upload_once(client, data, "k").get_json()["image_id"]
+    assert delete(client, first).status_code == 204
+    assert stored_files(uploads) == []
+    second = upload_once(client, data, "k")
+    assert second.status_code == 201 and second.get_json()["image_id"] != first
+
+
+def test_without_a_key_every_upload_is_new(client, uploads):
+    data = unique_jpeg(20_000)
+    assert upload(client, data).get_json()["image_id"] != upload(client, data).get_json()["image_id"]
+    assert not [p for p in uploads.iterdir() if "idem" in p.name]
+
+
+# --- retention: the purge command -------------------------------------------------------
+
+
+def age(uploads, image_id, days):
+    (path,) = (p for p in uploads.glob(f"{image_id}.*") if p.suffix in (".jpg", ".png"))
+    when = time.time() - days * 86400
+    os.utime(path, (when, when))
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["purge", "dry-run"])
+def test_purge_deletes_what_is_past_the_retention_age(make_app, uploads, dry_run):
+    app = make_app(RETENTION_DAYS="30")
+    client = app.test_client()
+    old, recent = (upload_once(client, unique_jpeg(5_000), f"k{n}").get_json()["image_id"] for n in range(2))
+    analyze(client, old)
+    age(uploads, old, 31)
+    age(uploads, recent, 29)
+    before = stored_files(uploads)
+    result = app.test_cli_runner().invoke(args=["purge", *(["--dry-run"] if dry_run else [])])
+    assert result.exit_code == 0, result.output
+    assert old in result.output and recent not in result.output
+    if dry_run:
+        assert stored_files(uploads) == before
+    else:
+        assert not [name for name in stored_files(uploads) if old in name]
+        assert client.get(f"/images/{recent}", headers={"X-API-Key": KEY}).status_code == 200
+        assert upload_once(client, unique_jpeg(5_000), "k0").status_code == 201  # its key went with it
+
+
+def test_purge_older_than_overrides_the_setting(make_app, uploads):
+    app = make_app()
+    image_id = upload(app.test_client(), make_jpeg()).get_json()["image_id"]
+    age(uploads, image_id, 3)
+    assert "nothing" in app.test_cli_runner().invoke(args=["purge", "--older-than", "4"]).output.lower()
+    result = app.test_cli_runner().invoke(args=["purge", "--older-than", "2"])
+    assert result.exit_code == 0 and image_id in result.output
+    assert stored_files(uploads) == []
+
+
+def test_purge_needs_an_age(make_app):
+    result = make_app().test_cli_runner().invoke(args=["purge"])
+    assert result.exit_code != 0 and "RETENTION_DAYS" in result.output
+
+
+def test_purge_removes_expired_idempotency_records(make_app, uploads):
+    app = make_app(IDEMPOTENCY_TTL_HOURS="1")
+    upload_once(app.test_client(), unique_jpeg(5_000), "k")
+    (record,) = uploads.glob(storage.IDEMPOTENCY_PREFIX + "*")
+    app.test_cli_runner().invoke(args=["purge", "--older-than", "1"])
+    assert record.exists()  # still within its hour
+    when = time.time() - 7200
+    record.write_text(json.dumps({**json.loads(record.read_text()), "created_at": int(when)}))
+    os.utime(record, (when, when))
+    app.test_cli_runner().invoke(args=["purge", "--older-than", "1"])
+    assert not record.exists()
+
+
+def test_the_flask_command_finds_the_app(uploads):
+    result = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "app", "purge", "--older-than", "1", "--dry-run"],
+        cwd=HERE,
+        env={**os.environ, "UPLOAD_DIR": str(uploads), "API_KEY": KEY},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "nothing" in result.stdout.lower()
+
+
 # --- authentication ------------------------------------------------------------
 
 PROTECTED = [
     ("POST", "/upload"),
     ("POST", "/analyze"),
     ("GET", f"/images/{REAL_ID}"),
+    ("DELETE", f"/images/{REAL_ID}"),
 ]
 BAD_KEYS = {
     "missing": None,
@@ -1670,6 +1913,58 @@ def test_killed_workers_never_lose_or_corrupt_uploads(uploads, record):
         f"{kills} SIGKILLs, {len(sent)} uploads sent, {len(acknowledged)} acknowledged and byte-identical,"
         f" {len(set(files) - set(acknowledged))} complete but unacknowledged",
     )
+
+
+@pytest.mark.slow
+def test_concurrent_retries_across_workers_store_one_image(uploads, record):
+    data = unique_jpeg(2_000_000)
+    headers = {"X-API-Key": KEY, "Idempotency-Key": "photo-1", "Connection": "close"}
+    with Server(uploads, {"API_KEY": KEY, "WEB_CONCURRENCY": "3"}) as running:
+        barrier = threading.Barrier(12)
+
+        def retry(_):
+            barrier.wait()
+            return requests.post(running.url + "/upload", headers=headers, files={"file": data}, timeout=30)
+
+        with ThreadPoolExecutor(12) as pool:
+            responses = list(pool.map(retry, range(12)))
+        later = requests.post(running.url + "/upload", headers=headers, files={"file": data}, timeout=30)
+    statuses = Counter(response.status_code for response in responses)
+    assert set(statuses) <= {201, 409} and statuses[201] >= 1
+    for response in responses:
+        if response.status_code == 409:
+            assert response.json()["code"] == "idempotency_conflict"
+    image_ids = {response.json()["image_id"] for response in responses if response.status_code == 201}
+    assert len(image_ids) == 1
+    assert later.status_code == 201 and later.headers["Idempotent-Replayed"] == "true"
+    assert {later.json()["image_id"]} == image_ids
+    assert image_names(uploads) == [f"{image_ids.pop()}.jpg"]
+    record("12 simultaneous retries over 3 workers", dict(statuses))
+
+
+@pytest.mark.slow
+def test_deletes_racing_analyses_across_workers_leave_nothing_behind(uploads):
+    with Server(uploads, {"API_KEY": KEY, "WEB_CONCURRENCY": "3"}) as running:
+        session = requests.Session()
+        session.headers["X-API-Key"] = KEY
+        image_ids = [
+            session.post(running.url + "/upload", files={"file": unique_jpeg(5_000)}, timeout=10).json()["image_id"]
+            for _ in range(30)
+        ]
+        close = {"X-API-Key": KEY, "Connection": "close"}
+
+        def analyze_(image_id):
+            return requests.post(running.url + "/analyze", json={"image_id": image_id}, headers=close, timeout=10)
+
+        def delete_(image_id):
+            return requests.delete(f"{running.url}/images/{image_id}", headers=close, timeout=10)
+
+        with ThreadPoolExecutor(16) as pool:
+            analyses = [pool.submit(analyze_, image_id) for image_id in image_ids for _ in range(3)]
+            deletes = [pool.submit(delete_, image_id) for image_id in image_ids]
+            assert {future.result().status_code for future in deletes} == {204}
+            assert {future.result().status_code for future in analyses} <= {200, 404}
+    assert stored_files(uploads) == []  # no analysis outlived its image
 
 
 @pytest.mark.slow
