@@ -523,14 +523,18 @@ def docs_asset(asset):
 
 
 @click.command("purge")
-@click.option("--older-than", type=click.IntRange(min=1), metavar="DAYS", help="Age in days; default RETENTION_DAYS.")
+@click.option(
+    "--older-than", type=click.IntRange(min=1), metavar="DAYS", help="Age in days; default RETENTION_DAYS."
+)
 @click.option("--dry-run", is_flag=True, help="List what would be deleted, and delete nothing.")
 @with_appcontext
 def purge_command(older_than, dry_run):
     """Delete the images uploaded more than RETENTION_DAYS (or --older-than) days ago."""
     days = older_than or current_app.config["RETENTION_DAYS"]
     if days is None:
-        raise click.UsageError("RETENTION_DAYS is not set (images are kept for ever): pass --older-than DAYS.")
+        raise click.UsageError(
+            "RETENTION_DAYS is not set (images are kept for ever): pass --older-than DAYS."
+        )
     verb = "would delete" if dry_run else "deleted"
     count = 0
     for image_id, uploaded_at in _storage().purge(time.time() - days * 86400, dry_run):
@@ -743,7 +747,9 @@ class Admission:
         limit = (
             self.config["MAX_CONTENT_LENGTH"]
             if path in UPLOAD_PATHS
-            else ANALYZE_BODY_BYTES if path in ANALYZE_PATHS else None
+            else ANALYZE_BODY_BYTES
+            if path in ANALYZE_PATHS
+            else None
         )
         if (
             limit is not None
@@ -759,7 +765,7 @@ class Admission:
             return self.app(environ, start_response)
 
     def _receive(self, stream, size, length):
-        """Read up to ``size`` bytes of a body of ``length`` (None: unknown); return it and the error, if any."""
+        """Read up to ``size`` bytes of a body of ``length`` (None: unknown); return it and any error."""
         try:
             body = self._read(stream, size)
         except storage.StorageError as error:
@@ -830,7 +836,13 @@ class StoredAnalysisShortcut:
         start_response("200 OK", headers)
         fields = {"image_id": image_id, "analysis": "stored"}
         _log_request(
-            "POST", environ["PATH_INFO"], 200, environ[STARTED], request_id, environ.get("REMOTE_ADDR"), fields
+            "POST",
+            environ["PATH_INFO"],
+            200,
+            environ[STARTED],
+            request_id,
+            environ.get("REMOTE_ADDR"),
+            fields,
         )
         return [record]
 

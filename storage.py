@@ -233,7 +233,9 @@ def _strip_jpeg(data):
         return data
     if orientation:
         exif = EXIF_HEADER + orientation
-        kept.insert(1 if jfif_first else 0, bytes([0xFF, JPEG_APP1]) + struct.pack(">H", len(exif) + 2) + exif)
+        kept.insert(
+            1 if jfif_first else 0, bytes([0xFF, JPEG_APP1]) + struct.pack(">H", len(exif) + 2) + exif
+        )
     return b"".join([view[:2], *kept])
 
 
@@ -250,7 +252,9 @@ def _strip_png(data):
             orientation = _orientation_only(data[start + 8 : end - 4])
             if orientation:
                 checked = b"eXIf" + orientation
-                kept.append(struct.pack(">I", len(orientation)) + checked + struct.pack(">I", zlib.crc32(checked)))
+                kept.append(
+                    struct.pack(">I", len(orientation)) + checked + struct.pack(">I", zlib.crc32(checked))
+                )
     if not removed:
         return data
     kept.append(view[end:])  # what follows IEND, as inspect_image() accepted it
@@ -258,7 +262,7 @@ def _strip_png(data):
 
 
 def _orientation_only(tiff):
-    """A minimal Exif TIFF block holding just the Orientation of ``tiff``; None if it has none or is malformed.
+    """A minimal Exif TIFF block with just the Orientation of ``tiff``; None if it has none or is malformed.
 
     Only the first IFD is read. Pointers to further IFDs are checked but never followed, so no
     crafted chain can loop; one that points back or out of bounds marks the whole block as
@@ -352,7 +356,9 @@ class Storage:
         # Holding the key's lock: a retry of the upload cannot see the record and then store the
         # image again after it was deleted.
         locked = (
-            self._idempotency_record(key, wait=True, create=False) if DIGEST.fullmatch(key) else contextlib.nullcontext()
+            self._idempotency_record(key, wait=True, create=False)
+            if DIGEST.fullmatch(key)
+            else contextlib.nullcontext()
         )
         with locked as record:
             removed = [self._unlink(self._path(image_id, ext)) for ext in EXTENSIONS.values()]
@@ -442,9 +448,16 @@ class Storage:
                 with contextlib.suppress(ImageNotFound):  # deleted meanwhile
                     self.delete(image_id)
                     yield image_id, uploaded_at
-            elif name.startswith(IDEMPOTENCY_PREFIX) and mtime < time.time() - self.idempotency_ttl and not dry_run:
+            elif (
+                name.startswith(IDEMPOTENCY_PREFIX)
+                and mtime < time.time() - self.idempotency_ttl
+                and not dry_run
+            ):
                 key = name[len(IDEMPOTENCY_PREFIX) :]
-                with contextlib.suppress(IdempotencyConflict), self._idempotency_record(key, wait=False) as record:
+                with (
+                    contextlib.suppress(IdempotencyConflict),
+                    self._idempotency_record(key, wait=False) as record,
+                ):
                     if record.value is None:
                         record.delete()
 

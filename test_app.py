@@ -130,7 +130,9 @@ def stored_files(folder):
     return sorted(p.name for p in Path(folder).iterdir() if p.name != storage.KEY_FILE)
 
 
-def upload(client, data, filename="photo.jpg", content_type="image/jpeg", key=KEY, path="/upload", headers=None):
+def upload(
+    client, data, filename="photo.jpg", content_type="image/jpeg", key=KEY, path="/upload", headers=None
+):
     return client.post(
         path,
         headers={"X-API-Key": key, **(headers or {})},
@@ -558,7 +560,9 @@ MALFORMED_EXIF = {
     "bad-magic-number": lambda order: exif_tiff(order, magic=43),
     "ifd-past-the-end": lambda order: exif_tiff(order, ifd0=5000),
     "ifd-inside-the-header": lambda order: exif_tiff(order, ifd0=4),
-    "entry-count-overruns": lambda order: exif_tiff(order)[:8] + struct.pack(order + "H", 500) + exif_tiff(order)[10:],
+    "entry-count-overruns": lambda order: (
+        exif_tiff(order)[:8] + struct.pack(order + "H", 500) + exif_tiff(order)[10:]
+    ),
     "entries-cut-short": lambda order: exif_tiff(order)[:30],
     "orientation-not-a-short": lambda order: exif_tiff(order, orientation_type=4),
     "orientation-0": lambda order: exif_tiff(order, orientation=0),
@@ -590,10 +594,12 @@ def test_corrupted_exif_never_breaks_an_upload():
         for _ in range(rng.randint(1, 6)):
             damaged[rng.randrange(len(damaged))] = rng.randrange(256)
         del damaged[rng.randrange(len(damaged) + 1) if rng.random() < 0.3 else len(damaged) :]
-        stripped = storage.strip_location(make_jpeg(segments=[jpeg_segment(0xE1, bytes(damaged))]), "image/jpeg")
+        stripped = storage.strip_location(
+            make_jpeg(segments=[jpeg_segment(0xE1, bytes(damaged))]), "image/jpeg"
+        )
         plain = make_jpeg()
         assert stripped.endswith(plain[20:])  # every segment after APP0 and the image data, untouched
-        assert stripped[:20] == plain[:20] and stripped[20:-len(plain[20:])] in allowed
+        assert stripped[:20] == plain[:20] and stripped[20 : -len(plain[20:])] in allowed
         assert storage.inspect_image(stripped).content_type == "image/jpeg"
 
 
@@ -603,7 +609,9 @@ def test_png_text_and_exif_chunks_are_dropped(client, uploads, order):
     text = [
         png_chunk(b"tEXt", b"Comment\x00GPS 52.52 13.40"),
         png_chunk(b"zTXt", b"Location\x00\x00" + zlib.compress(b"Berlin")),
-        png_chunk(b"iTXt", b"XML:com.adobe.xmp\x00\x00\x00\x00\x00<exif:GPSLatitude>52,31N</exif:GPSLatitude>"),
+        png_chunk(
+            b"iTXt", b"XML:com.adobe.xmp\x00\x00\x00\x00\x00<exif:GPSLatitude>52,31N</exif:GPSLatitude>"
+        ),
     ]
     sent = make_png(extra_chunks=[png_chunk(b"eXIf", exif_tiff(order)), *text, gamma])
     stored = stored_image(uploads, upload(client, sent, content_type="image/png"))
@@ -1057,7 +1065,9 @@ def test_hostile_ids_are_refused_before_touching_the_filesystem(client, uploads,
     )
     for method in ("GET", "DELETE"):
         # In a path, a slash or NUL can also miss the route: 404 rather than 400, as safe.
-        response = client.open("/images/" + urllib.parse.quote(bad_id), method=method, headers={"X-API-Key": KEY})
+        response = client.open(
+            "/images/" + urllib.parse.quote(bad_id), method=method, headers={"X-API-Key": KEY}
+        )
         assert response.status_code in (400, 404) and response.mimetype == "application/problem+json"
     assert filesystem_calls == []
     assert stored_files(uploads) == [f"{REAL_ID}.jpg"]
@@ -1168,7 +1178,17 @@ def test_the_same_key_with_other_bytes_is_refused(client, uploads):
 @pytest.mark.parametrize(
     "value",
     ["", '""', '"', '"unbalanced', "k" * 256, "caf\u00e9", "tab\there", 'a"b', "back\\slash"],
-    ids=["empty", "empty-quoted", "lone-quote", "unbalanced", "256-chars", "non-ascii", "control", "inner-quote", "backslash"],
+    ids=[
+        "empty",
+        "empty-quoted",
+        "lone-quote",
+        "unbalanced",
+        "256-chars",
+        "non-ascii",
+        "control",
+        "inner-quote",
+        "backslash",
+    ],
 )
 def test_malformed_idempotency_keys_are_refused(client, uploads, value):
     response = upload(client, make_jpeg(), headers={"Idempotency-Key": value.encode().decode("latin-1")})
@@ -1207,7 +1227,9 @@ def test_a_crash_between_the_key_and_the_image_does_not_make_two_images(make_app
     folder = app.extensions["storage"]
     data = unique_jpeg(20_000)
     with monkeypatch.context() as patch:
-        patch.setattr(folder, "_store", lambda *args: (_ for _ in ()).throw(storage.StorageUnavailable("down")))
+        patch.setattr(
+            folder, "_store", lambda *args: (_ for _ in ()).throw(storage.StorageUnavailable("down"))
+        )
         assert_problem(upload_once(app.test_client(), data, "k"), 503, "storage_unavailable")
     assert image_names(uploads) == []
     retried = upload_once(app.test_client(), data, "k")
@@ -1948,13 +1970,17 @@ def test_deletes_racing_analyses_across_workers_leave_nothing_behind(uploads):
         session = requests.Session()
         session.headers["X-API-Key"] = KEY
         image_ids = [
-            session.post(running.url + "/upload", files={"file": unique_jpeg(5_000)}, timeout=10).json()["image_id"]
+            session.post(running.url + "/upload", files={"file": unique_jpeg(5_000)}, timeout=10).json()[
+                "image_id"
+            ]
             for _ in range(30)
         ]
         close = {"X-API-Key": KEY, "Connection": "close"}
 
         def analyze_(image_id):
-            return requests.post(running.url + "/analyze", json={"image_id": image_id}, headers=close, timeout=10)
+            return requests.post(
+                running.url + "/analyze", json={"image_id": image_id}, headers=close, timeout=10
+            )
 
         def delete_(image_id):
             return requests.delete(f"{running.url}/images/{image_id}", headers=close, timeout=10)
@@ -2282,5 +2308,8 @@ def test_oversized_and_malformed_requests_are_refused_cheaply(server, uploads, r
     growth = worker_rss_kib(server) - baseline
     assert growth < 8 * 1024  # two workers, two passes: a few MB at most
     assert stored_files(uploads) == []
-    peaks = [re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())[1] for pid in worker_pids(server)]
+    peaks = [
+        re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())[1]
+        for pid in worker_pids(server)
+    ]
     record("oversized requests", f"RSS growth {growth} KiB over both workers; peak RSS {peaks} KiB")
