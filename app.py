@@ -42,6 +42,7 @@ ENVELOPE_BYTES = 64 * 1024
 MAX_PARTS = 1000
 MAX_PART_HEADER_BYTES = 16 * 1024
 ANALYZE_BODY_BYTES = 16 * 1024
+HEALTH_PATHS = frozenset({"/health", "/api/v1/health"})
 UPLOAD_PATHS = frozenset({"/upload", "/api/v1/upload"})
 ANALYZE_PATHS = frozenset({"/analyze", "/api/v1/analyze"})
 RECEIVED = "app.received_body"  # environ key: the body Admission received, and its error
@@ -127,7 +128,9 @@ def create_app(env=None):
         config = _parse_config(settings)
         _configure_logging(config["LOG_LEVEL"], config["LOG_FORMAT"])
         folder = storage.Storage(config["UPLOAD_DIR"], idempotency_ttl=config["IDEMPOTENCY_TTL_HOURS"] * 3600)
-        keys = _open_folder(folder, config["API_KEYS"])
+        # The flask command (purge) runs beside a live service: what it finds half-written is
+        # being written, and only a starting server may take it for a crash's leftovers.
+        keys = _open_folder(folder, config["API_KEYS"], clean=click.get_current_context(silent=True) is None)
     except ConfigError as error:
         raise SystemExit(f"Configuration error: {error}") from None
 
@@ -164,10 +167,10 @@ def create_app(env=None):
     return app
 
 
-def _open_folder(folder, keys):
+def _open_folder(folder, keys, clean):
     """Clear what a crash left in the uploads folder; return the API keys, generating one if none is set."""
     try:
-        removed = folder.remove_temp_files()
+        removed = folder.remove_temp_files() if clean else 0
         key, path = (None, None) if keys else folder.api_key()
     except (storage.StorageError, OSError) as error:
         raise ConfigError(f"UPLOAD_DIR {str(folder.folder)!r} is not usable: {error}") from None
@@ -664,6 +667,10 @@ def _read_file_part():
     if end - start > limit:
         detail = f"Files may be at most {limit} bytes ({human_size(limit)}); this one is larger."
         raise ApiError(413, "file_too_large", detail)
+    if isinstance(body, bytearray):  # spooled: cut the file out in place rather than copy megabytes
+        del body[end:]
+        del body[:start]
+        return body
     return body[start:end]
 
 
@@ -730,8 +737,10 @@ class Admission:
     send it, so workers have many threads (gunicorn.conf.py) for slow clients to wait on. Running
     them all at once on one core would only add GIL contention (64 threads: analyze p99 at 7x its
     p50), so the work itself is admitted a few requests at a time, and bodies over SPOOL_BYTES
-    wait on disk rather than in memory. Only bodies a view would accept are read here: upload and
-    analyze bodies within their limit, with a valid key. The views refuse the rest unread.
+    wait on disk rather than in memory. Only upload and analyze bodies with a valid key and a
+    Content-Length within their limit are read here (a chunked one, up to one byte over it); the
+    views refuse the rest unread. Health checks skip the queue: the platform must not see a busy
+    worker as a dead one.
     """
 
     def __init__(self, app, flask_app):
@@ -761,8 +770,15 @@ class Admission:
                 environ[RECEIVED] = self._receive(environ["wsgi.input"], limit + 1, None)
             elif length is not None and length <= limit:
                 environ[RECEIVED] = self._receive(environ["wsgi.input"], length, length)
-        with self.gate:
+        if path in HEALTH_PATHS:  # the platform's check must not queue behind uploads
             return self.app(environ, start_response)
+        try:
+            with self.gate:
+                return self.app(environ, start_response)
+        finally:
+            body = environ.get(RECEIVED, (None,))[0]
+            if isinstance(body, storage.Spool):  # also when the view refused the request unread
+                body.close()
 
     def _receive(self, stream, size, length):
         """Read up to ``size`` bytes of a body of ``length`` (None: unknown); return it and any error."""
@@ -787,10 +803,18 @@ class Admission:
     def _read(self, stream, size):
         if size <= SPOOL_BYTES:
             return stream.read(size)  # one read: each read copies gunicorn's buffer
-        spool = self.storage.spool()
+        received = 0
         try:
-            while len(spool) < size and (chunk := stream.read(min(READ_STEP, size - len(spool)))):
+            spool = self.storage.spool()
+            while received < size and (chunk := stream.read(min(READ_STEP, size - received))):
+                received += len(chunk)
                 spool.write(chunk)
+        except storage.StorageError:  # the spool closed itself
+            # Read the rest anyway: a client still sending when the answer comes back may never
+            # see it, as the server closes the connection on the unread part.
+            while received < size and (chunk := stream.read(min(READ_STEP, size - received))):
+                received += len(chunk)
+            raise
         except BaseException:
             spool.close()
             raise
@@ -818,6 +842,7 @@ class StoredAnalysisShortcut:
         if (
             received is None
             or received[1] is not None
+            or len(received[0]) > ANALYZE_BODY_BYTES  # a chunked body is read one byte over the limit
             or environ.get("PATH_INFO") not in ANALYZE_PATHS
             or environ.get("QUERY_STRING")
             or self.config["CORS_ORIGINS"]

@@ -27,6 +27,8 @@ IDEMPOTENCY_PREFIX = ".idem-"
 # Beside an image uploaded with an idempotency key: that key's digest, so the record can go with it.
 IDEMPOTENCY_SUFFIX = ".idem"
 MIN_KEY_LENGTH = 32
+LOCK_WAIT_SECONDS = 10  # how long a delete waits for an upload holding its idempotency key
+LEFTOVER_AGE = 3600  # an analysis or key reference without its image, this old, is a crash's leftover
 EXTENSIONS = {"image/jpeg": ".jpg", "image/png": ".png"}
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -42,8 +44,14 @@ MAX_JPEG_HEADER_SEGMENTS = 1024  # real files have a few dozen; a cap stops craf
 # IPTC in APP13, free text in comments, anything in vendors' APPn; Exif and text chunks in PNG.
 # All are removed but what decoding needs (JFIF APP0, ICC profiles and MPF in APP2, Adobe's
 # colour transform in APP14) and Exif's Orientation, kept in a minimal Exif segment of its own.
-JPEG_APP0, JPEG_APP1 = 0xE0, 0xE1
-JPEG_METADATA = frozenset(range(0xE0, 0xF0)) - {JPEG_APP0, 0xE2, 0xEE} | {0xFE}
+# After the image's end (EOI) anything may follow: a second image with its own Exif (MPO, gain
+# maps), a motion photo's video. It is dropped, and with it the APP2 index (MPF) pointing to it.
+JPEG_APP0, JPEG_APP1, JPEG_APP2 = 0xE0, 0xE1, 0xE2
+JPEG_METADATA = frozenset(range(0xE0, 0xF0)) - {JPEG_APP0, JPEG_APP2, 0xEE} | {0xFE}
+MPF_HEADER = b"MPF\0"
+# The end of the image, or a segment between its scans: inside image data, 0xFF is only ever
+# followed by 00 (a stuffed byte), a restart marker (D0-D7) or another 0xFF (fill).
+JPEG_SCAN_MARKER = re.compile(rb"\xff[\xc0-\xcf\xd9-\xfe]")
 PNG_METADATA = frozenset({b"eXIf", b"tEXt", b"zTXt", b"iTXt"})
 EXIF_HEADER = b"Exif\0\0"
 TIFF_BYTE_ORDERS = {b"II": "<", b"MM": ">"}
@@ -215,13 +223,19 @@ def strip_location(data, content_type):
     return _strip_png(data)
 
 
+def _is_metadata(data, marker, body):
+    return marker in JPEG_METADATA or (marker == JPEG_APP2 and data[body + 2 : body + 6] == MPF_HEADER)
+
+
 def _strip_jpeg(data):
     view = memoryview(data)
     kept, removed, exif_seen, orientation, jfif_first = [], False, False, None, False
     for marker, start, body, end in _jpeg_segments(data):
         if marker == JPEG_SOS:
-            kept.append(view[start:])  # the image data, to the end of the file, untouched
-        elif marker not in JPEG_METADATA:
+            scans, cut = _scans(data, start, end)
+            kept.extend(scans)
+            removed = removed or cut
+        elif not _is_metadata(data, marker, body):
             jfif_first = jfif_first or (not kept and marker == JPEG_APP0)
             kept.append(view[start:end])
         else:
@@ -237,6 +251,29 @@ def _strip_jpeg(data):
             1 if jfif_first else 0, bytes([0xFF, JPEG_APP1]) + struct.pack(">H", len(exif) + 2) + exif
         )
     return b"".join([view[:2], *kept])
+
+
+def _scans(data, start, header_end):
+    """Return the image data from its first scan to its EOI, in pieces without metadata, and if any was cut.
+
+    A progressive JPEG has several scans, with tables (and, in edited files, metadata segments)
+    between them; the scans and tables are copied as they are.
+    """
+    view = memoryview(data)
+    pieces, kept_from, offset = [], start, header_end
+    while match := JPEG_SCAN_MARKER.search(data, offset):
+        if data[match.start() + 1] == JPEG_EOI[1]:
+            pieces.append(view[kept_from : match.end()])
+            return pieces, kept_from != start or match.end() < len(data)
+        segment_end = match.end() + int.from_bytes(data[match.end() : match.end() + 2], "big")
+        if segment_end > len(data):
+            break
+        if _is_metadata(data, data[match.start() + 1], match.end()):
+            pieces.append(view[kept_from : match.start()])
+            kept_from = segment_end
+        offset = max(segment_end, match.end())  # its contents are no markers
+    pieces.append(view[kept_from:])  # no end where one was expected: keep the rest as it is
+    return pieces, kept_from != start
 
 
 def _strip_png(data):
@@ -255,10 +292,9 @@ def _strip_png(data):
                 kept.append(
                     struct.pack(">I", len(orientation)) + checked + struct.pack(">I", zlib.crc32(checked))
                 )
-    if not removed:
+    if not removed and end == len(data):
         return data
-    kept.append(view[end:])  # what follows IEND, as inspect_image() accepted it
-    return b"".join(kept)
+    return b"".join(kept)  # and nothing of what followed IEND
 
 
 def _orientation_only(tiff):
@@ -268,7 +304,7 @@ def _orientation_only(tiff):
     crafted chain can loop; one that points back or out of bounds marks the whole block as
     malformed, and then no metadata at all is kept.
     """
-    order = TIFF_BYTE_ORDERS.get(tiff[:2])
+    order = TIFF_BYTE_ORDERS.get(bytes(tiff[:2]))
     if order is None or len(tiff) < 8:
         return None
     magic, ifd = struct.unpack_from(order + "HI", tiff, 2)
@@ -295,7 +331,11 @@ def _orientation_only(tiff):
 
 
 class Storage:
-    """Images as ``<image_id>.jpg|.png``, their analyses as ``<image_id>.json``, all in one folder."""
+    """Images as ``<image_id>.jpg|.png``, their analyses as ``<image_id>.json``, all in one folder.
+
+    An image uploaded with an idempotency key also has ``<image_id>.idem``, naming the key's
+    record ``.idem-<digest>``.
+    """
 
     def __init__(self, folder, idempotency_ttl=24 * 3600):
         self.folder = Path(folder)
@@ -361,15 +401,18 @@ class Storage:
             else contextlib.nullcontext()
         )
         with locked as record:
-            removed = [self._unlink(self._path(image_id, ext)) for ext in EXTENSIONS.values()]
-            if not any(removed):
-                raise ImageNotFound(f"No image with id {image_id} exists.")
-            # After the image: an analysis written meanwhile sees it gone and removes itself.
-            self._unlink(self._path(image_id, ".json"))
+            # The record first: a retry of the upload must never find it without its image, and
+            # store the image again.
             if record is not None and record.value and record.value["image_id"] == image_id:
                 record.delete()
-            self._unlink(self._path(image_id, IDEMPOTENCY_SUFFIX))
-            self._sync_folder()
+            removed = [self._unlink(self._path(image_id, ext)) for ext in EXTENSIONS.values()]
+            # After the image: an analysis written meanwhile sees it gone and removes itself. Also
+            # when there was no image: what a crash in an earlier delete left goes now.
+            leftovers = [self._unlink(self._path(image_id, ext)) for ext in (".json", IDEMPOTENCY_SUFFIX)]
+            if any(removed + leftovers):
+                self._sync_folder()
+        if not any(removed):
+            raise ImageNotFound(f"No image with id {image_id} exists.")
 
     def has_image(self, image_id):
         return any(os.path.exists(self._path(image_id, ext)) for ext in EXTENSIONS.values())
@@ -428,7 +471,7 @@ class Storage:
         return self._read(self._path(image_id, ".json"))
 
     def purge(self, uploaded_before, dry_run=False):
-        """Delete the images uploaded before a time and the expired idempotency records.
+        """Delete the images uploaded before a time, expired idempotency records and leftovers of crashes.
 
         Yields ``(image_id, uploaded_at)`` for each image deleted (or, with ``dry_run``, due).
         """
@@ -448,18 +491,24 @@ class Storage:
                 with contextlib.suppress(ImageNotFound):  # deleted meanwhile
                     self.delete(image_id)
                     yield image_id, uploaded_at
-            elif (
-                name.startswith(IDEMPOTENCY_PREFIX)
-                and mtime < time.time() - self.idempotency_ttl
-                and not dry_run
-            ):
+            elif dry_run:
+                continue
+            elif name.startswith(IDEMPOTENCY_PREFIX) and mtime < time.time() - self.idempotency_ttl:
                 key = name[len(IDEMPOTENCY_PREFIX) :]
                 with (
                     contextlib.suppress(IdempotencyConflict),
-                    self._idempotency_record(key, wait=False) as record,
+                    self._idempotency_record(key, wait=False, create=False) as record,
                 ):
-                    if record.value is None:
+                    if record is not None and record.value is None:
                         record.delete()
+            elif (
+                extension in (".json", IDEMPOTENCY_SUFFIX)
+                and is_image_id(image_id)
+                and mtime < time.time() - LEFTOVER_AGE
+                and not self.has_image(image_id)
+            ):
+                with contextlib.suppress(ImageNotFound):
+                    self.delete(image_id)  # what a crash in a delete (or before an upload's image) left
 
     def api_key(self):
         """Return ``(key, path)`` of the key made on first start, shared by every worker and restart."""
@@ -471,34 +520,43 @@ class Storage:
 
     @contextlib.contextmanager
     def _idempotency_record(self, key, wait, create=True):
-        """Lock the record of an idempotency key and yield it; raise IdempotencyConflict if it is busy.
+        """Lock the record of an idempotency key and yield it.
 
-        With ``create=False``, yield None when the key has no record.
+        If another request holds it, raise IdempotencyConflict, or with ``wait`` wait for it up
+        to LOCK_WAIT_SECONDS. With ``create=False``, yield None when the key has no record.
         """
         path = f"{self.folder}/{IDEMPOTENCY_PREFIX}{key}"
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
         while True:
             try:
                 fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
-            except FileNotFoundError:
+            except FileNotFoundError as error:
+                if create:  # the folder is gone
+                    raise _write_error(error) from error
                 yield None
                 return
             except OSError as error:
                 raise _write_error(error) from error
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-                # A delete may have removed the file while we waited: only the one at path counts.
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # A delete may have removed the file meanwhile: only the one at path counts.
                 if os.path.samestat(os.fstat(fd), os.stat(path)):
                     break
             except BlockingIOError:
-                os.close(fd)
-                raise IdempotencyConflict(
-                    "An upload with this Idempotency-Key is still in progress; retry it later."
-                ) from None
+                if not wait:
+                    os.close(fd)
+                    raise IdempotencyConflict(
+                        "An upload with this Idempotency-Key is still in progress; retry it later."
+                    ) from None
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise StorageUnavailable("The image is busy with another request; retry later.") from None
+                time.sleep(0.01)
             except FileNotFoundError:
                 pass
-            except BaseException:
+            except OSError as error:
                 os.close(fd)
-                raise
+                raise _write_error(error) from error
             os.close(fd)
         try:
             yield IdempotencyRecord(self, fd, path)
@@ -644,10 +702,14 @@ class Spool:
         self.size += len(chunk)
 
     def read(self):
-        """Return the whole body and delete the file."""
+        """Return the whole body, as a bytearray the caller may cut in place, and delete the file."""
+        body = bytearray(self.size)
         try:
+            view = memoryview(body)
             self.file.seek(0)
-            return self.file.read()
+            while view and (count := self.file.readinto(view)):
+                view = view[count:]
+            return body
         except OSError as error:
             raise StorageUnavailable("The uploads folder could not be read.") from error
         finally:

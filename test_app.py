@@ -1,6 +1,7 @@
 """Tests of the HTTP contract, built from the app factory with a temporary uploads folder."""
 
 import builtins
+import fcntl
 import functools
 import hashlib
 import io
@@ -603,6 +604,31 @@ def test_corrupted_exif_never_breaks_an_upload():
         assert storage.inspect_image(stripped).content_type == "image/jpeg"
 
 
+def test_what_follows_the_image_is_dropped(client, uploads):
+    """A second image with its own Exif (MPO, gain maps) or a motion photo's video after EOI."""
+    mpf = jpeg_segment(0xE2, b"MPF\x00II*\x00\x08\x00\x00\x00")
+    second = make_jpeg(segments=[exif_segment(exif_tiff())])
+    sent = make_jpeg(segments=[ICC, mpf]) + second + b"ftypmp42 ... GPS 52.52N"
+    assert stored_image(uploads, upload(client, sent)) == make_jpeg(segments=[ICC])
+
+
+def test_metadata_between_progressive_scans_is_dropped(client, uploads):
+    plain = make_jpeg()
+    first_scan_end = plain.index(b"\xff\xd9")
+    # A second scan, preceded by a table (kept) and by metadata segments (dropped).
+    table = jpeg_segment(0xC4, b"\x10\x01" + b"\x00" * 15 + b"\xff")  # 0xFF inside a table is no marker
+    scan = jpeg_segment(0xDA, b"\x01\x01\x00\x00\x3f\x00") + b"\x12\xff\x00\x34\xff\xd0\x56"
+    tail = b"\xff\xd9"
+    sent = plain[:first_scan_end] + exif_segment(exif_tiff()) + table + LOCATING_SEGMENTS[2] + scan + tail
+    stored = stored_image(uploads, upload(client, sent))
+    assert stored == plain[:first_scan_end] + table + scan + tail
+
+
+def test_png_loses_what_follows_iend(client, uploads):
+    sent = make_png() + b"PK\x03\x04 a zip with a location.txt"
+    assert stored_image(uploads, upload(client, sent, content_type="image/png")) == make_png()
+
+
 @pytest.mark.parametrize("order", ["<", ">"], ids=["little-endian", "big-endian"])
 def test_png_text_and_exif_chunks_are_dropped(client, uploads, order):
     gamma = png_chunk(b"gAMA", struct.pack(">I", 45455))
@@ -919,6 +945,28 @@ def test_stored_analysis_shortcut_leaves_errors_to_flask(make_app):
     assert status.startswith("401") and headers["Content-Type"] == "application/problem+json"
     status, _, body = call_wsgi(app.wsgi_app, str(uuid.uuid4()))
     assert status.startswith("404") and json.loads(body)["code"] == "image_not_found"
+
+
+def test_stored_analysis_shortcut_refuses_chunked_bodies_over_the_limit(make_app):
+    app = make_app()
+    image_id = upload(app.test_client(), make_jpeg()).get_json()["image_id"]
+    analyze(app.test_client(), image_id)
+    body = json.dumps({"image_id": image_id}).encode() + b" " * 20_000
+    environ = EnvironBuilder(
+        path="/analyze", method="POST", input_stream=io.BytesIO(body), headers={"X-API-Key": KEY}
+    ).get_environ()
+    environ["wsgi.input_terminated"] = True  # chunked: no Content-Length
+    del environ["CONTENT_LENGTH"]
+    chunks, status, _ = run_wsgi_app(app.wsgi_app, environ, buffered=True)
+    assert status.startswith("413") and json.loads(b"".join(chunks))["code"] == "request_too_large"
+
+
+def test_health_does_not_queue_behind_busy_requests(make_app):
+    app = make_app()
+    gate = app.extensions["gate"]
+    with gate, gate:  # every slot taken
+        with ThreadPoolExecutor(1) as pool:
+            assert pool.submit(app.test_client().get, "/health").result(timeout=5).status_code == 200
 
 
 def test_images_and_analyses_persist_across_restart(make_app, uploads):
@@ -1273,6 +1321,30 @@ def test_without_a_key_every_upload_is_new(client, uploads):
     assert not [p for p in uploads.iterdir() if "idem" in p.name]
 
 
+def test_a_keyed_upload_into_a_vanished_folder_is_503(client, uploads):
+    shutil.rmtree(uploads)
+    assert_problem(upload_once(client, make_jpeg(), "k"), 503, "storage_unavailable")
+
+
+def test_a_delete_waits_for_an_upload_holding_its_key_but_not_for_ever(client, uploads, monkeypatch):
+    image_id = upload_once(client, make_jpeg(), "k").get_json()["image_id"]
+    (record,) = uploads.glob(storage.IDEMPOTENCY_PREFIX + "*")
+    monkeypatch.setattr(storage, "LOCK_WAIT_SECONDS", 0.2)
+    with open(record, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as an upload with that key would
+        assert "busy" in assert_problem(delete(client, image_id), 503, "storage_unavailable")["detail"]
+    assert delete(client, image_id).status_code == 204
+    assert stored_files(uploads) == []
+
+
+def test_a_delete_clears_what_an_interrupted_delete_left(client, uploads):
+    image_id = upload(client, make_jpeg()).get_json()["image_id"]
+    analyze(client, image_id)
+    (uploads / f"{image_id}.jpg").unlink()  # a crash between removing the image and its analysis
+    assert_problem(delete(client, image_id), 404, "image_not_found")
+    assert stored_files(uploads) == []
+
+
 # --- retention: the purge command -------------------------------------------------------
 
 
@@ -1312,6 +1384,20 @@ def test_purge_older_than_overrides_the_setting(make_app, uploads):
     assert stored_files(uploads) == []
 
 
+def test_purge_clears_old_leftovers_of_crashes(make_app, uploads):
+    app = make_app()
+    client = app.test_client()
+    image_id = upload(client, make_jpeg()).get_json()["image_id"]
+    analyze(client, image_id)
+    (uploads / f"{image_id}.jpg").unlink()  # as a crash in a delete would leave it
+    app.test_cli_runner().invoke(args=["purge", "--older-than", "1"])
+    assert stored_files(uploads) == [f"{image_id}.json"]  # recent: it may belong to an upload in progress
+    when = time.time() - storage.LEFTOVER_AGE - 60
+    os.utime(uploads / f"{image_id}.json", (when, when))
+    app.test_cli_runner().invoke(args=["purge", "--older-than", "1"])
+    assert stored_files(uploads) == []
+
+
 def test_purge_needs_an_age(make_app):
     result = make_app().test_cli_runner().invoke(args=["purge"])
     assert result.exit_code != 0 and "RETENTION_DAYS" in result.output
@@ -1330,7 +1416,9 @@ def test_purge_removes_expired_idempotency_records(make_app, uploads):
     assert not record.exists()
 
 
-def test_the_flask_command_finds_the_app(uploads):
+def test_the_flask_command_finds_the_app_and_leaves_uploads_in_progress_alone(uploads):
+    in_progress = uploads / f"{storage.TEMP_PREFIX}{uuid.uuid4().hex}"  # a live service writing
+    in_progress.write_bytes(b"half an image")
     result = subprocess.run(
         [sys.executable, "-m", "flask", "--app", "app", "purge", "--older-than", "1", "--dry-run"],
         cwd=HERE,
@@ -1341,6 +1429,7 @@ def test_the_flask_command_finds_the_app(uploads):
     )
     assert result.returncode == 0, result.stderr
     assert "nothing" in result.stdout.lower()
+    assert in_progress.exists()
 
 
 # --- authentication ------------------------------------------------------------
@@ -1635,13 +1724,17 @@ class Server:
         self.stop()
 
     def stop(self):
+        """Stop the server, and fail the test if it answered any request with a 500."""
         self.process.send_signal(signal.SIGTERM)
         try:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        self.log.seek(0)
+        log = self.log.read()
         self.log.close()
+        assert "status=500" not in log and "unhandled error" not in log, log[-2000:]
 
 
 @pytest.fixture

@@ -412,7 +412,7 @@ def header(mode_name, mode, tmp_fs):
         f"{mode['window']} s measured window); {pinning}",
         f"- Command: `{shlex.join([os.path.relpath(sys.executable), *sys.argv])}`",
         f"- Service: `{' '.join(server_command('<port>'))}` with WEB_CONCURRENCY=1, "
-        f"GUNICORN_THREADS={os.environ.get('GUNICORN_THREADS', '2 (default)')}",
+        f"GUNICORN_THREADS={os.environ.get('GUNICORN_THREADS', '64 (default)')}",
         f"- Ceiling: `{' '.join(server_command('<port>', SERVERS[1][1]))}` (bench/ceiling.py)",
         f"- Load: `{' '.join(sample_wrk)}`",
         f"- Versions: Python {platform.python_version()}, gunicorn {importlib.metadata.version('gunicorn')}, "
