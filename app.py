@@ -803,21 +803,27 @@ class Admission:
     def _read(self, stream, size):
         if size <= SPOOL_BYTES:
             return stream.read(size)  # one read: each read copies gunicorn's buffer
-        received = 0
+        spool, failure, received = None, None, 0
         try:
             spool = self.storage.spool()
+        except storage.StorageError as error:
+            failure = error
+        try:
             while received < size and (chunk := stream.read(min(READ_STEP, size - received))):
                 received += len(chunk)
-                spool.write(chunk)
-        except storage.StorageError:  # the spool closed itself
-            # Read the rest anyway: a client still sending when the answer comes back may never
-            # see it, as the server closes the connection on the unread part.
-            while received < size and (chunk := stream.read(min(READ_STEP, size - received))):
-                received += len(chunk)
-            raise
+                if failure is None:
+                    try:
+                        spool.write(chunk)
+                    except storage.StorageError as error:  # the spool closed itself
+                        failure = error
         except BaseException:
-            spool.close()
+            if spool is not None:
+                spool.close()
             raise
+        if failure is not None:
+            # Raised only now, with the whole body read: a client still sending when the answer
+            # comes back may never see it, as the server closes the connection on an unread part.
+            raise failure
         return spool
 
 

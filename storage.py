@@ -597,9 +597,7 @@ class Storage:
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                _write_all(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -693,9 +691,7 @@ class Spool:
 
     def write(self, chunk):
         try:
-            view = memoryview(chunk)
-            while view:
-                view = view[self.file.write(view) :]
+            _write_all(self.file.fileno(), chunk)
         except OSError as error:
             self.close()
             raise _write_error(error) from error
@@ -717,6 +713,13 @@ class Spool:
 
     def close(self):
         self.file.close()
+
+
+def _write_all(fd, data):
+    """Write all of ``data``: one os.write may write less."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _write_error(error):
