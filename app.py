@@ -1,7 +1,5 @@
-"""HTTP layer of the skin analysis service: app factory, routes, auth, errors, logs, purge command."""
+"""The Flask layer of the skin analysis service: app factory, request hooks, routes, errors, purge command."""
 
-import collections
-import contextlib
 import hashlib
 import hmac
 import json
@@ -9,7 +7,6 @@ import logging
 import os
 import re
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -19,11 +16,12 @@ from dotenv import load_dotenv
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, send_from_directory, url_for
 from flask.cli import with_appcontext
 from werkzeug.exceptions import HTTPException
-from werkzeug.http import HTTP_STATUS_CODES, parse_options_header
+from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.middleware.proxy_fix import ProxyFix
-from werkzeug.wsgi import get_content_length
 
 import analysis
+import images
+import receiving
 import storage
 
 DEFAULTS = {
@@ -37,23 +35,14 @@ DEFAULTS = {
     "IDEMPOTENCY_TTL_HOURS": "24",
     "RETENTION_DAYS": "",
 }
+# Every route is served at the root and, identically, under /api/v1: (blueprint name, prefix).
+PREFIXES = (("api", ""), ("v1", "/api/v1"))
 # Room for the multipart envelope (boundaries, part headers, small extra fields) around the file.
 ENVELOPE_BYTES = 64 * 1024
-MAX_PARTS = 1000
-MAX_PART_HEADER_BYTES = 16 * 1024
 ANALYZE_BODY_BYTES = 16 * 1024
-HEALTH_PATHS = frozenset({"/health", "/api/v1/health"})
-UPLOAD_PATHS = frozenset({"/upload", "/api/v1/upload"})
-ANALYZE_PATHS = frozenset({"/analyze", "/api/v1/analyze"})
-RECEIVED = "app.received_body"  # environ key: the body Admission received, and its error
-STARTED = "app.started"  # environ key: when Admission took the request, for its logged duration
 # Requests of one worker that run at once, once their body has arrived: two measured best on one
 # core (one runs while the other waits on an fsync); more only share the GIL.
 ACTIVE_REQUESTS = 2
-# Larger bodies wait for their turn in a file on disk, not in memory.
-SPOOL_BYTES = 256 * 1024
-# gunicorn's own read step: with smaller reads it copies its buffer again on every call.
-READ_STEP = 1024 * 1024
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:+/=-]{1,128}")
 # An Idempotency-Key once its quotes are off: printable ASCII but for quotes and backslashes.
 IDEMPOTENCY_KEY = re.compile(r"[ !#-\[\]-~]{1,255}")
@@ -102,11 +91,16 @@ class ApiError(HTTPException):
         self.extra_headers = headers or {}
 
 
-# Domain failures, mapped to HTTP in this one place (the most specific class wins).
-STORAGE_ERRORS = {
-    storage.UnsupportedType: (400, "unsupported_type"),
-    storage.InvalidImage: (400, "invalid_image"),
-    storage.ImageTooLarge: (400, "image_too_large"),
+# Failures below HTTP, mapped to it in this one place (the most specific class wins).
+DOMAIN_ERRORS = {
+    images.UnsupportedType: (400, "unsupported_type"),
+    images.InvalidImage: (400, "invalid_image"),
+    images.ImageTooLarge: (400, "image_too_large"),
+    receiving.NotMultipart: (400, "missing_file"),
+    receiving.InvalidMultipart: (400, "invalid_multipart"),
+    receiving.IncompleteBody: (400, "incomplete_body"),
+    receiving.InvalidBody: (400, "invalid_body"),
+    receiving.RequestTimeout: (408, "request_timeout"),
     storage.ImageNotFound: (404, "image_not_found"),
     storage.IdempotencyConflict: (409, "idempotency_conflict"),
     storage.IdempotencyKeyReused: (422, "idempotency_key_reused"),
@@ -127,10 +121,16 @@ def create_app(env=None):
     try:
         config = _parse_config(settings)
         _configure_logging(config["LOG_LEVEL"], config["LOG_FORMAT"])
-        folder = storage.Storage(config["UPLOAD_DIR"], idempotency_ttl=config["IDEMPOTENCY_TTL_HOURS"] * 3600)
+        registry = storage.Folder(
+            config["UPLOAD_DIR"],
+            idempotency_ttl=config["IDEMPOTENCY_TTL_HOURS"] * 3600,
+            min_free_bytes=config["MAX_UPLOAD_BYTES"],
+        )
         # The flask command (purge) runs beside a live service: what it finds half-written is
         # being written, and only a starting server may take it for a crash's leftovers.
-        keys = _open_folder(folder, config["API_KEYS"], clean=click.get_current_context(silent=True) is None)
+        keys = _open_registry(
+            registry, config["API_KEYS"], clean=click.get_current_context(silent=True) is None
+        )
     except ConfigError as error:
         raise SystemExit(f"Configuration error: {error}") from None
 
@@ -140,47 +140,70 @@ def create_app(env=None):
     app.config["API_KEYS"] = tuple(key.encode() for key in keys)
     app.config["MAX_CONTENT_LENGTH"] = config["MAX_UPLOAD_BYTES"] + ENVELOPE_BYTES
     app.json.sort_keys = False  # keep documented field order
-    app.extensions["storage"] = folder
-    app.extensions["gate"] = FairGate(ACTIVE_REQUESTS)
+    app.extensions["registry"] = registry
 
-    app.register_blueprint(api)
-    app.register_blueprint(api, url_prefix="/api/v1", name="v1")
+    for name, prefix in PREFIXES:
+        app.register_blueprint(api, url_prefix=prefix, name=name)
     app.register_blueprint(docs)
     app.cli.add_command(purge_command)
     app.before_request(_before_request)
     app.after_request(_after_request)
     app.register_error_handler(HTTPException, _problem_response)
-    app.register_error_handler(storage.StorageError, _storage_error)
+    app.register_error_handler(images.ImageError, _domain_error)
+    app.register_error_handler(receiving.ReceiveError, _domain_error)
+    app.register_error_handler(storage.StorageError, _domain_error)
     app.register_error_handler(Exception, _unexpected_error)
 
-    app.wsgi_app = Admission(StoredAnalysisShortcut(app), app)
+    keys = app.config["API_KEYS"]
+    admission = receiving.Admission(
+        StoredAnalysisShortcut(app),
+        upload_paths=_paths_of(app, "upload"),
+        analyze_paths=_paths_of(app, "analyze"),
+        unqueued_paths=_paths_of(app, "health"),
+        may_receive=lambda environ: _key_is_valid(environ, keys),
+        upload_limit=app.config["MAX_CONTENT_LENGTH"],
+        file_limit=config["MAX_UPLOAD_BYTES"],
+        analyze_limit=ANALYZE_BODY_BYTES,
+        client_timeout=config["CLIENT_TIMEOUT"],
+        spool=registry.spool,
+        slots=ACTIVE_REQUESTS,
+    )
+    app.extensions["gate"] = admission.gate
+    app.wsgi_app = admission
     if config["TRUSTED_PROXY_COUNT"]:
         count = config["TRUSTED_PROXY_COUNT"]
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=count, x_proto=count, x_host=count)
     _event(
         logging.INFO,
         "service ready",
-        upload_dir=folder.folder,
+        registry=registry.describe(),
         max_upload_bytes=config["MAX_UPLOAD_BYTES"],
-        api_keys=len(app.config["API_KEYS"]),
+        api_keys=len(keys),
     )
     return app
 
 
-def _open_folder(folder, keys, clean):
-    """Clear what a crash left in the uploads folder; return the API keys, generating one if none is set."""
+def _paths_of(app, view_name):
+    """The paths that route to one of the api views, under every prefix: the one source of them."""
+    return frozenset(
+        rule.rule for rule in app.url_map.iter_rules() if rule.endpoint.rpartition(".")[2] == view_name
+    )
+
+
+def _open_registry(registry, keys, clean):
+    """Clear what a crash left in the registry; return the API keys, generating one if none is set."""
     try:
-        removed = folder.remove_temp_files() if clean else 0
-        key, path = (None, None) if keys else folder.api_key()
+        removed = registry.open(clean)
+        key, location = (None, None) if keys else registry.api_key()
     except (storage.StorageError, OSError) as error:
-        raise ConfigError(f"UPLOAD_DIR {str(folder.folder)!r} is not usable: {error}") from None
+        raise ConfigError(f"The registry ({registry.describe()}) is not usable: {error}") from None
     if removed:
         _event(logging.WARNING, "removed unfinished uploads", count=removed)
     if keys:
         return keys
     if len(key) < storage.MIN_KEY_LENGTH:
-        raise ConfigError(f"{path} holds no usable key; delete it to generate a new one.")
-    log.warning("API_KEY is not set: using the generated key kept in %s (show it with: cat %s)", path, path)
+        raise ConfigError(f"{location} holds no usable key; delete it to generate a new one.")
+    log.warning("API_KEY is not set: using the generated key kept in %s", location)
     return (key,)
 
 
@@ -294,7 +317,7 @@ def _before_request():
     One hook rather than several: Flask's cost per hook is a visible share of a request.
     """
     environ = request.environ
-    g.started = environ.get(STARTED) or time.perf_counter()
+    g.started = environ.get(receiving.STARTED) or time.perf_counter()
     g.request_id = _request_id(environ)
     if (
         request.method == "OPTIONS"
@@ -311,13 +334,6 @@ def _before_request():
             {"WWW-Authenticate": 'ApiKey header="X-API-Key"'},
         )
     return None
-
-
-def _bound_socket(environ, timeout):
-    if "gunicorn.socket" in environ:
-        # gunicorn's threads read and write on a blocking socket with no timeout: a client that
-        # stops sending, or stops reading its answer, would hold a thread for ever.
-        environ["gunicorn.socket"].settimeout(timeout)
 
 
 def _request_id(environ):
@@ -424,8 +440,8 @@ def _problem_response(error):
     return response
 
 
-def _storage_error(error):
-    status, code = next(STORAGE_ERRORS[cls] for cls in type(error).__mro__ if cls in STORAGE_ERRORS)
+def _domain_error(error):
+    status, code = next(DOMAIN_ERRORS[cls] for cls in type(error).__mro__ if cls in DOMAIN_ERRORS)
     if status >= 500:
         log.error("storage failure", exc_info=error, extra={"fields": {"request_id": g.get("request_id")}})
     return _problem_response(ApiError(status, code, str(error)))
@@ -443,22 +459,22 @@ def _unexpected_error(error):
 @api.get("/health")
 @public
 def health():
-    _storage().check(min_free_bytes=current_app.config["MAX_UPLOAD_BYTES"])
+    _registry().check()
     return {"status": "healthy"}
 
 
 @api.post("/upload")
 def upload():
     idempotency_key = _idempotency_key()
-    data = _read_file_part()
-    if not data:
-        raise ApiError(400, "empty_file", "The uploaded file is empty.")
+    upload = _received_file()
     # A small upload gives its turn away while it waits on the disk: it holds little memory,
     # and the disk flushes several files together faster than one after another. Not with an
     # idempotency key: a delete waiting for that key's lock may hold the turn it would need back.
-    pause = len(data) <= SPOOL_BYTES and idempotency_key is None
-    with current_app.extensions["gate"].paused() if pause else contextlib.nullcontext():
-        stored, replayed = _storage().save_image(data, idempotency_key)
+    if upload.size <= storage.SPOOL_BYTES and idempotency_key is None:
+        with current_app.extensions["gate"].paused():
+            stored, replayed = _registry().save_image(upload, idempotency_key)
+    else:
+        stored, replayed = _registry().save_image(upload, idempotency_key)
     g.log_fields = {
         "image_id": stored.image_id,
         "bytes": stored.size_bytes,
@@ -476,7 +492,7 @@ def upload():
 @api.get("/images/<image_id>")
 def image(image_id):
     _check_image_id(image_id)
-    stored = _storage().image(image_id)
+    stored = _registry().image(image_id)
     return {
         **_image_body(stored),
         "uploaded_at": _rfc3339(stored.uploaded_at),
@@ -487,7 +503,7 @@ def image(image_id):
 @api.delete("/images/<image_id>")
 def delete_image(image_id):
     _check_image_id(image_id)
-    _storage().delete(image_id)
+    _registry().delete(image_id)
     g.log_fields = {"image_id": image_id}
     return _no_content()
 
@@ -499,7 +515,7 @@ def analyze():
         record, result = _analysis_record(image_id), "fixture"
     else:
         _check_image_id(image_id, fixtures_too=True)
-        record, created = _storage().analysis(image_id, _analysis_record)
+        record, created = _registry().analysis(image_id, _analysis_record)
         result = "new" if created else "stored"
     g.log_fields = {"image_id": image_id, "analysis": result}
     return Response(record, mimetype="application/json")
@@ -540,7 +556,7 @@ def purge_command(older_than, dry_run):
         )
     verb = "would delete" if dry_run else "deleted"
     count = 0
-    for image_id, uploaded_at in _storage().purge(time.time() - days * 86400, dry_run):
+    for image_id, uploaded_at in _registry().purge(time.time() - days * 86400, dry_run):
         click.echo(f"{verb} {image_id} uploaded {_rfc3339(uploaded_at)}")
         count += 1
     if count:
@@ -552,8 +568,8 @@ def purge_command(older_than, dry_run):
 # --- helpers -----------------------------------------------------------------
 
 
-def _storage():
-    return current_app.extensions["storage"]
+def _registry():
+    return current_app.extensions["registry"]
 
 
 def _check_image_id(image_id, fixtures_too=False):
@@ -581,12 +597,48 @@ def _idempotency_key():
     return hashlib.sha256(api_key + b"\n" + value.encode()).hexdigest()
 
 
+def _received(limit, too_large):
+    """The body Admission received; refuse one over ``limit``, or one it could not delimit."""
+    received = request.environ.get(receiving.RECEIVED)
+    if received is None:  # Admission leaves unread only what is refused here
+        if request.content_length is not None and request.content_length > limit:
+            raise too_large  # answered without reading: the client stops sending
+        raise ApiError(411, "length_required", "Send the body with a Content-Length header.")
+    if received.error:
+        raise received.error
+    if received.size > limit:  # a chunked body, read one byte over the limit
+        raise too_large
+    return received
+
+
+def _received_file():
+    """The spooled file part of an upload."""
+    limit = current_app.config["MAX_UPLOAD_BYTES"]
+    received = _received(
+        current_app.config["MAX_CONTENT_LENGTH"],
+        ApiError(
+            413,
+            "file_too_large",
+            f"Files may be at most {limit} bytes ({human_size(limit)}), with at most"
+            f" {ENVELOPE_BYTES // 1024} KiB of other form data; this request is larger.",
+        ),
+    )
+    if received.file is None:
+        raise ApiError(400, "missing_file", "The request has no multipart field named 'file'.")
+    if received.file_too_large:
+        detail = f"Files may be at most {limit} bytes ({human_size(limit)}); this one is larger."
+        raise ApiError(413, "file_too_large", detail)
+    if not received.file.size:
+        raise ApiError(400, "empty_file", "The uploaded file is empty.")
+    return received.file
+
+
 def _analyze_image_id():
     """Take image_id from the JSON body, or from the query string when the body is empty."""
     too_large = ApiError(
         413, "request_too_large", f"An analyze request body may be at most {ANALYZE_BODY_BYTES} bytes."
     )
-    body = _read_body(ANALYZE_BODY_BYTES, too_large)
+    body = _received(ANALYZE_BODY_BYTES, too_large).data
     if not body and "image_id" in request.args:
         return request.args["image_id"]
     image_id = _image_id_in(body)
@@ -641,220 +693,35 @@ def human_size(size):
             return f"{size:.2f} {unit}"
 
 
-def _read_file_part():
-    """Return the bytes of the multipart field ``file``, reading the body once and into memory."""
-    limit = current_app.config["MAX_UPLOAD_BYTES"]
-    too_large = ApiError(
-        413,
-        "file_too_large",
-        f"Files may be at most {limit} bytes ({human_size(limit)}), with at most {ENVELOPE_BYTES // 1024} KiB"
-        " of other form data; this request is larger.",
-    )
-    body = _read_body(current_app.config["MAX_CONTENT_LENGTH"], too_large)
-    if request.mimetype != "multipart/form-data":
-        raise ApiError(
-            400,
-            "missing_file",
-            "Send the image as multipart/form-data with the file in a field named 'file'.",
-        )
-    boundary = request.mimetype_params.get("boundary", "")
-    if not 0 < len(boundary) <= 200 or not boundary.isascii():
-        raise MultipartError("the Content-Type has no usable boundary")
-    part = find_part(body, boundary.encode(), "file")
-    if part is None:
-        raise ApiError(400, "missing_file", "The request has no multipart field named 'file'.")
-    start, end = part
-    if end - start > limit:
-        detail = f"Files may be at most {limit} bytes ({human_size(limit)}); this one is larger."
-        raise ApiError(413, "file_too_large", detail)
-    if isinstance(body, bytearray):  # spooled: cut the file out in place rather than copy megabytes
-        del body[end:]
-        del body[:start]
-        return body
-    return body[start:end]
-
-
-def _read_body(limit, too_large):
-    """The request body, as Admission received it; refuse one over ``limit`` or of unknown length."""
-    received = request.environ.get(RECEIVED)
-    if received is None:  # Admission leaves unread only what is refused here
-        if request.content_length is not None and request.content_length > limit:
-            raise too_large  # answered without reading: the client stops sending
-        if request.headers.get("Transfer-Encoding"):
-            raise ApiError(411, "length_required", "Send the body with a Content-Length header.")
-        return b""
-    body, error = received
-    if error:
-        raise error
-    if len(body) > limit:
-        raise too_large
-    return body.read() if isinstance(body, storage.Spool) else body
-
-
-class FairGate:
-    """A semaphore that lets waiting threads in by order of arrival.
-
-    threading.Semaphore lets a thread that just arrived take a freed slot ahead of those already
-    waiting, and under load some requests then wait many turns (analyze p99 at 7x its p50).
-    """
-
-    def __init__(self, slots):
-        self._lock = threading.Lock()
-        self._free = slots
-        self._waiting = collections.deque()
-
-    def __enter__(self):
-        with self._lock:
-            if self._free:  # never while others wait: __exit__ hands its slot to the first of them
-                self._free -= 1
-                return
-            turn = threading.Lock()
-            turn.acquire()
-            self._waiting.append(turn)
-        turn.acquire()
-
-    def __exit__(self, *exc_info):
-        with self._lock:
-            if self._waiting:
-                self._waiting.popleft().release()
-            else:
-                self._free += 1
-
-    @contextlib.contextmanager
-    def paused(self):
-        """Give a slot this thread holds to the next in line, and queue for one again afterwards."""
-        self.__exit__()
-        try:
-            yield
-        finally:
-            self.__enter__()
-
-
-class Admission:
-    """WSGI middleware: receive a request's body first, then let ACTIVE_REQUESTS requests run at once.
-
-    gunicorn's gthread worker spends a thread on every request for as long as its client takes to
-    send it, so workers have many threads (gunicorn.conf.py) for slow clients to wait on. Running
-    them all at once on one core would only add GIL contention (64 threads: analyze p99 at 7x its
-    p50), so the work itself is admitted a few requests at a time, and bodies over SPOOL_BYTES
-    wait on disk rather than in memory. Only upload and analyze bodies with a valid key and a
-    Content-Length within their limit are read here (a chunked one, up to one byte over it); the
-    views refuse the rest unread. Health checks skip the queue: the platform must not see a busy
-    worker as a dead one.
-    """
-
-    def __init__(self, app, flask_app):
-        self.app = app
-        self.config = flask_app.config
-        self.storage = flask_app.extensions["storage"]
-        self.gate = flask_app.extensions["gate"]
-
-    def __call__(self, environ, start_response):
-        environ[STARTED] = time.perf_counter()
-        _bound_socket(environ, self.config["CLIENT_TIMEOUT"])
-        path = environ.get("PATH_INFO")
-        limit = (
-            self.config["MAX_CONTENT_LENGTH"]
-            if path in UPLOAD_PATHS
-            else ANALYZE_BODY_BYTES
-            if path in ANALYZE_PATHS
-            else None
-        )
-        if (
-            limit is not None
-            and environ["REQUEST_METHOD"] == "POST"
-            and _key_is_valid(environ, self.config["API_KEYS"])
-        ):
-            length = get_content_length(environ)
-            if length is None and environ.get("wsgi.input_terminated"):
-                environ[RECEIVED] = self._receive(environ["wsgi.input"], limit + 1, None)
-            elif length is not None and length <= limit:
-                environ[RECEIVED] = self._receive(environ["wsgi.input"], length, length)
-        if path in HEALTH_PATHS:  # the platform's check must not queue behind uploads
-            return self.app(environ, start_response)
-        try:
-            with self.gate:
-                return self.app(environ, start_response)
-        finally:
-            body = environ.get(RECEIVED, (None,))[0]
-            if isinstance(body, storage.Spool):  # also when the view refused the request unread
-                body.close()
-
-    def _receive(self, stream, size, length):
-        """Read up to ``size`` bytes of a body of ``length`` (None: unknown); return it and any error."""
-        try:
-            body = self._read(stream, size)
-        except storage.StorageError as error:
-            return b"", error
-        except TimeoutError:
-            return b"", ApiError(408, "request_timeout", "The client stopped sending its request body.")
-        except OSError:  # the client went away mid-body; the answer is for the case it still listens
-            return b"", ApiError(400, "incomplete_body", "The request body ended before it was complete.")
-        except Exception:  # the server's own parse errors, such as gunicorn's for bad chunked encoding
-            return b"", ApiError(400, "invalid_body", "The request body's transfer encoding is malformed.")
-        if length is not None and len(body) < length:
-            if isinstance(body, storage.Spool):
-                body.close()
-            return b"", ApiError(
-                400, "incomplete_body", "The request body ended before its declared Content-Length."
-            )
-        return body, None
-
-    def _read(self, stream, size):
-        if size <= SPOOL_BYTES:
-            return stream.read(size)  # one read: each read copies gunicorn's buffer
-        spool, failure, received = None, None, 0
-        try:
-            spool = self.storage.spool()
-        except storage.StorageError as error:
-            failure = error
-        try:
-            while received < size and (chunk := stream.read(min(READ_STEP, size - received))):
-                received += len(chunk)
-                if failure is None:
-                    try:
-                        spool.write(chunk)
-                    except storage.StorageError as error:  # the spool closed itself
-                        failure = error
-        except BaseException:
-            if spool is not None:
-                spool.close()
-            raise
-        if failure is not None:
-            # Raised only now, with the whole body read: a client still sending when the answer
-            # comes back may never see it, as the server closes the connection on an unread part.
-            raise failure
-        return spool
-
-
 class StoredAnalysisShortcut:
     """WSGI middleware: answer repeat analyses of stored images from their record, below Flask.
 
     A stored analysis never changes, and Flask's own cost per request is most of what an
     analyze costs: a bare Flask route reaches about 0.57 of a plain WSGI app here (bench/).
-    Only the everyday request is answered here: POST /analyze whose body Admission received
-    (so with a valid key), no CORS, and a JSON body naming an image analyzed before. Everything
-    else, every error included, goes on to Flask, which owns the rules; both give the same
-    answer (test_app.py checks).
+    Only the everyday request is answered here: an analyze body that Admission received (so
+    with a valid key) for a route of the analyze view, without a query string, with CORS off,
+    naming an image analyzed before. Everything else, every error included, goes on to Flask,
+    which owns the rules; both give the same answer (test_app.py checks).
     """
 
     def __init__(self, app):
         self.flask = app.wsgi_app
-        self.config = app.config
-        self.storage = app.extensions["storage"]
+        self.paths = _paths_of(app, "analyze")
+        self.enabled = not app.config["CORS_ORIGINS"]
+        self.registry = app.extensions["registry"]
 
     def __call__(self, environ, start_response):
-        received = environ.get(RECEIVED)
+        received = environ.get(receiving.RECEIVED)
         if (
-            received is None
-            or received[1] is not None
-            or len(received[0]) > ANALYZE_BODY_BYTES  # a chunked body is read one byte over the limit
-            or environ.get("PATH_INFO") not in ANALYZE_PATHS
+            not self.enabled
+            or received is None
+            or received.error is not None
+            or received.size > ANALYZE_BODY_BYTES  # a chunked body is read one byte over the limit
+            or environ.get("PATH_INFO") not in self.paths
             or environ.get("QUERY_STRING")
-            or self.config["CORS_ORIGINS"]
         ):
             return self.flask(environ, start_response)
-        image_id = _image_id_in(received[0])
+        image_id = _image_id_in(received.data)
         record = self._stored(image_id) if image_id is not None and storage.is_image_id(image_id) else None
         if record is None:
             return self.flask(environ, start_response)
@@ -870,7 +737,7 @@ class StoredAnalysisShortcut:
             "POST",
             environ["PATH_INFO"],
             200,
-            environ[STARTED],
+            environ[receiving.STARTED],
             request_id,
             environ.get("REMOTE_ADDR"),
             fields,
@@ -879,104 +746,6 @@ class StoredAnalysisShortcut:
 
     def _stored(self, image_id):
         try:
-            return self.storage.stored_analysis(image_id)
+            return self.registry.stored_analysis(image_id)
         except storage.StorageError:
             return None  # Flask reports it
-
-
-class MultipartError(ApiError):
-    def __init__(self, detail):
-        super().__init__(400, "invalid_multipart", f"The multipart body is malformed: {detail}.")
-
-
-_LINE_BREAK = re.compile(rb"\r\n|\n|\r")
-_BLANK_LINE = re.compile(rb"\r\n\r\n|\r\r|\n\n")
-_SPACE = b" \t"
-
-
-def find_part(body, boundary, name):
-    """Find the first part called ``name`` in a complete multipart/form-data body (RFC 7578).
-
-    Returns ``(start, end)`` offsets of its content in ``body``, or None when there is no such
-    part. A part counts whether or not it has a ``filename`` parameter: some clients omit it.
-    The whole body must be well formed up to its closing delimiter. Line breaks may be CRLF,
-    LF or CR, as Werkzeug's parser accepts, and a delimiter only counts where it starts a line
-    and is followed by ``--`` or by optional blanks and a line break.
-    """
-    delimiter = b"--" + boundary
-    found = None
-    parts = 0
-    _, position, closed = _next_delimiter(body, delimiter, 0, preamble=True)
-    while not closed:
-        parts += 1
-        if parts > MAX_PARTS:
-            raise MultipartError(f"it has more than {MAX_PARTS} parts")
-        # Searched within a bound: part headers are a few lines, and parsing megabytes of them
-        # would cost seconds of CPU.
-        blank = _BLANK_LINE.search(body, position, position + MAX_PART_HEADER_BYTES)
-        if blank is None:
-            raise MultipartError(f"a part's headers do not end within {MAX_PART_HEADER_BYTES} bytes")
-        headers = _part_headers(body[position : blank.start()])
-        disposition = headers.get("content-disposition")
-        if disposition is None:
-            raise MultipartError("a part has no Content-Disposition header")
-        # The blank line's second line break opens the content and may also be the one
-        # that precedes the next delimiter, which makes the content empty.
-        second_break = (blank.start() + blank.end()) // 2
-        content_start = _LINE_BREAK.match(body, second_break).end()
-        content_end, position, closed = _next_delimiter(body, delimiter, second_break)
-        _, params = parse_options_header(disposition)
-        if found is None and params.get("name") == name:
-            found = (content_start, max(content_end, content_start))
-    return found
-
-
-def _next_delimiter(body, delimiter, start, preamble=False):
-    """Find the first delimiter line whose line break begins at or after ``start``.
-
-    Returns ``(line_start, after, closed)``: where its leading line break begins, where the
-    next part begins, and whether it is the closing delimiter. Only the first delimiter, after
-    the preamble, may stand without a line break before it.
-    """
-    search = start
-    while True:
-        at = body.find(delimiter, search)
-        if at == -1:
-            raise MultipartError("the closing boundary is missing")
-        search = at + 1
-        if preamble:
-            line_start = at
-        elif at - 2 >= start and body[at - 2 : at] == b"\r\n":
-            line_start = at - 2
-        elif at - 1 >= start and body[at - 1 : at] in (b"\r", b"\n"):
-            line_start = at - 1
-        else:
-            continue
-        after = at + len(delimiter)
-        closed = body[after : after + 2] == b"--"
-        if closed:
-            after += 2
-        while body[after : after + 1] in (b" ", b"\t"):
-            after += 1
-        line_break = _LINE_BREAK.match(body, after)
-        if line_break is not None:
-            return line_start, line_break.end(), closed
-        if closed:
-            return line_start, after, closed
-
-
-def _part_headers(block):
-    """Parse a part's header block into a dict of lowercase names to the first value of each."""
-    headers = {}
-    unfolded = re.sub(rb"(?:\r\n|\n|\r)[ \t]", b" ", bytes(block))
-    for line in unfolded.splitlines():
-        line = line.strip(_SPACE)
-        if not line:
-            continue
-        try:
-            text = line.decode()
-        except UnicodeDecodeError:
-            raise MultipartError("a part header is not UTF-8") from None
-        header, _, value = text.partition(":")
-        headers.setdefault(header.strip(" \t").lower(), value.strip(" \t"))
-    return headers

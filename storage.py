@@ -1,79 +1,45 @@
-"""The uploads folder is the registry: images, their analyses and the generated API key live there."""
+"""The registry of images, their analyses, idempotency records and the generated API key.
+
+``Registry`` is the interface app.py uses and the errors it raises; ``Folder`` keeps everything in
+the uploads folder, the default. bucket.py keeps it in an S3-compatible bucket instead.
+"""
 
 import contextlib
 import errno
 import fcntl
 import hashlib
 import json
+import mmap
 import os
 import re
 import secrets
-import struct
 import tempfile
 import time
 import uuid
-import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-MAX_PIXELS = 100_000_000
+import images
+
 IMAGE_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-DIGEST = re.compile(r"[0-9a-f]{64}")  # how idempotency keys are named on disk
+DIGEST = re.compile(r"[0-9a-f]{64}")  # how idempotency keys are named
+MIN_KEY_LENGTH = 32
+EXTENSIONS = {"image/jpeg": ".jpg", "image/png": ".png"}
+# An upload's file part waits in memory up to this size, then in a file on disk.
+SPOOL_BYTES = 256 * 1024
 TEMP_PREFIX = ".tmp-"
 KEY_FILE = ".api_key"
 # An idempotency key's record, named by the key's digest; it is also the lock its uploads take.
 IDEMPOTENCY_PREFIX = ".idem-"
 # Beside an image uploaded with an idempotency key: that key's digest, so the record can go with it.
 IDEMPOTENCY_SUFFIX = ".idem"
-MIN_KEY_LENGTH = 32
 LOCK_WAIT_SECONDS = 10  # how long a delete waits for an upload holding its idempotency key
 LEFTOVER_AGE = 3600  # an analysis or key reference without its image, this old, is a crash's leftover
-EXTENSIONS = {"image/jpeg": ".jpg", "image/png": ".png"}
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-JPEG_SOI = b"\xff\xd8\xff"
-# Start-of-frame markers carry the dimensions; C4 (DHT), C8 (JPG) and CC (DAC) do not.
-JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-JPEG_STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01}
-JPEG_SOS, JPEG_EOI = 0xDA, b"\xff\xd9"
-JPEG_MARKER = re.compile(rb"\xff+([^\xff])")
-MAX_JPEG_HEADER_SEGMENTS = 1024  # real files have a few dozen; a cap stops crafted ones
-
-# Where photos say where they were taken: Exif (its GPS IFD) and XMP in JPEG APP1 segments,
-# IPTC in APP13, free text in comments, anything in vendors' APPn; Exif and text chunks in PNG.
-# All are removed but what decoding needs (JFIF APP0, ICC profiles and MPF in APP2, Adobe's
-# colour transform in APP14) and Exif's Orientation, kept in a minimal Exif segment of its own.
-# After the image's end (EOI) anything may follow: a second image with its own Exif (MPO, gain
-# maps), a motion photo's video. It is dropped, and with it the APP2 index (MPF) pointing to it.
-JPEG_APP0, JPEG_APP1, JPEG_APP2 = 0xE0, 0xE1, 0xE2
-JPEG_METADATA = frozenset(range(0xE0, 0xF0)) - {JPEG_APP0, JPEG_APP2, 0xEE} | {0xFE}
-MPF_HEADER = b"MPF\0"
-# The end of the image, or a segment between its scans: inside image data, 0xFF is only ever
-# followed by 00 (a stuffed byte), a restart marker (D0-D7) or another 0xFF (fill).
-JPEG_SCAN_MARKER = re.compile(rb"\xff[\xc0-\xcf\xd9-\xfe]")
-PNG_METADATA = frozenset({b"eXIf", b"tEXt", b"zTXt", b"iTXt"})
-EXIF_HEADER = b"Exif\0\0"
-TIFF_BYTE_ORDERS = {b"II": "<", b"MM": ">"}
-TIFF_SHORT = 3
-ORIENTATION_TAG = 0x0112
-IFD_POINTER_TAGS = frozenset({0x8769, 0x8825, 0xA005})  # Exif, GPS and Interoperability IFDs
 
 
 class StorageError(Exception):
-    """Base of everything storage refuses or fails at."""
-
-
-class UnsupportedType(StorageError):
-    """The bytes are neither a JPEG nor a PNG."""
-
-
-class InvalidImage(StorageError):
-    """A JPEG or PNG signature, but no readable dimensions (truncated or corrupt)."""
-
-
-class ImageTooLarge(StorageError):
-    """More pixels than any phone camera produces."""
+    """Base of everything the registry refuses or fails at."""
 
 
 class ImageNotFound(StorageError):
@@ -89,18 +55,11 @@ class IdempotencyKeyReused(StorageError):
 
 
 class StorageUnavailable(StorageError):
-    """The uploads folder cannot be read or written."""
+    """The registry cannot be read or written."""
 
 
 class StorageFull(StorageUnavailable):
     """The disk holding the uploads folder has no room left."""
-
-
-@dataclass(frozen=True)
-class ImageInfo:
-    content_type: str
-    width: int
-    height: int
 
 
 @dataclass(frozen=True)
@@ -119,229 +78,177 @@ def is_image_id(value):
     return IMAGE_ID.fullmatch(value) is not None
 
 
-def inspect_image(data):
-    """Identify a JPEG or PNG from its bytes and read its dimensions."""
-    if data[:8] == PNG_SIGNATURE:
-        width, height = _png_size(data)
-        content_type = "image/png"
-    elif data[:3] == JPEG_SOI:
-        width, height = _jpeg_size(data)
-        content_type = "image/jpeg"
-    else:
-        raise UnsupportedType("Only JPEG and PNG images are accepted; this file is neither.")
-    if width * height > MAX_PIXELS:
-        megapixels = MAX_PIXELS // 1_000_000
-        raise ImageTooLarge(
-            f"The image is {width}x{height} pixels; at most {megapixels} megapixels are accepted."
-        )
-    return ImageInfo(content_type, width, height)
+def fingerprint(data):
+    """What tells a retry of an upload from another upload under the same idempotency key."""
+    return hashlib.sha256(data).hexdigest()
 
 
-def _png_size(data):
-    """Check the chunk structure through IEND; return IHDR's width and height."""
-    if len(data) < 33 or data[8:16] != b"\x00\x00\x00\x0dIHDR":
-        raise InvalidImage("The PNG file has no valid IHDR header.")
-    (crc,) = struct.unpack_from(">I", data, 29)
-    if zlib.crc32(data[12:29]) != crc:
-        raise InvalidImage("The PNG header is corrupt (bad IHDR checksum).")
-    width, height = struct.unpack_from(">II", data, 16)
-    if not (0 < width < 2**31 and 0 < height < 2**31):
-        raise InvalidImage("The PNG header declares an impossible size.")
-    for _ in _png_chunks(data):
-        pass
-    return width, height
+class Registry:
+    """What app.py needs of a registry. Every method may raise StorageUnavailable (or StorageFull).
+
+    Ids reaching a registry have passed is_image_id(). Nothing is ever half-stored: an image is
+    whole or absent, and an analysis or idempotency record never outlives its image.
+    """
+
+    def open(self, clean):
+        """Get ready to serve; with ``clean`` (a starting server), remove crash leftovers. Return how many."""
+        raise NotImplementedError
+
+    def describe(self):
+        """Where everything is kept, for the start-up log line."""
+        raise NotImplementedError
+
+    def check(self):
+        """Raise StorageUnavailable unless uploads can be stored now (the health check)."""
+        raise NotImplementedError
+
+    def api_key(self):
+        """Return ``(key, where)`` of the key made on first start, shared by every worker, instance and restart."""
+        raise NotImplementedError
+
+    def spool(self):
+        """A new Spool for an upload's file part, on local storage."""
+        raise NotImplementedError
+
+    def save_image(self, upload, idempotency_key=None):
+        """Validate a spooled upload, remove its location and store it; return ``(StoredImage, replayed)``.
+
+        Raises images.ImageError for bytes that are no acceptable photo. With an
+        ``idempotency_key`` (a digest naming the client and its key), a retry of the same bytes
+        gets the first upload back (``replayed``); other bytes raise IdempotencyKeyReused, and a
+        retry while the first is in progress IdempotencyConflict.
+        """
+        raise NotImplementedError
+
+    def image(self, image_id):
+        """Describe a stored image (with ``uploaded_at`` and ``analyzed``); raise ImageNotFound."""
+        raise NotImplementedError
+
+    def delete(self, image_id):
+        """Remove an image, its analysis and its idempotency record; raise ImageNotFound if there is none."""
+        raise NotImplementedError
+
+    def analysis(self, image_id, analyze):
+        """Return ``(record, created)``: the stored analysis, made by ``analyze(image_id)`` on first use.
+
+        Concurrent first calls agree on one record. Raises ImageNotFound for an unknown image.
+        """
+        raise NotImplementedError
+
+    def stored_analysis(self, image_id):
+        """The stored analysis record of an image, or None when it has none yet."""
+        raise NotImplementedError
+
+    def purge(self, uploaded_before, dry_run=False):
+        """Delete images uploaded before a time (as delete() does), expired idempotency records and leftovers.
+
+        Yields ``(image_id, uploaded_at)`` for each image deleted (or, with ``dry_run``, due).
+        """
+        raise NotImplementedError
 
 
-def _png_chunks(data):
-    """Yield ``(kind, start, end)`` of each chunk through IEND; raise InvalidImage if IEND is missing."""
-    offset = len(PNG_SIGNATURE)
-    while offset + 12 <= len(data):
-        length, kind = struct.unpack_from(">I4s", data, offset)
-        end = offset + 12 + length
-        if end > len(data):
-            break
-        yield kind, offset, end
-        if kind == b"IEND":
+class Spool:
+    """An upload's file part as it arrives: in memory up to SPOOL_BYTES, then in a file in ``folder``.
+
+    So a body waiting for its turn holds little memory. A ``named`` spool lives in the uploads
+    folder under a temporary name, so that an image stored as it was sent becomes its file by a
+    rename, with no copy; a crash leaves that name behind for the next start to remove.
+    """
+
+    def __init__(self, folder, named):
+        self.folder = folder
+        self.named = named
+        self.size = 0
+        self._memory = bytearray()
+        self._file = None
+        self._path = None
+
+    @property
+    def in_file(self):
+        return self._file is not None
+
+    def write(self, data):
+        """Append ``data``; raise StorageUnavailable or StorageFull (and discard the spool) on failure."""
+        try:
+            if self._file is None and self.size + len(data) > SPOOL_BYTES:
+                self._roll_over()
+            if self._file is None:
+                self._memory += data
+            else:
+                _write_all(self._file.fileno(), data)
+        except OSError as error:
+            self.close()
+            raise _write_error(error) from error
+        self.size += len(data)
+
+    def _roll_over(self):
+        if self.named:
+            self._path = f"{self.folder}/{TEMP_PREFIX}{uuid.uuid4().hex}"
+            self._file = os.fdopen(os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600), "rb+", 0)
+        else:  # unnamed (O_TMPFILE) where the system allows: nothing to clean up after a crash
+            self._file = tempfile.TemporaryFile(dir=self.folder, buffering=0)
+        _write_all(self._file.fileno(), self._memory)
+        self._memory = bytearray()
+
+    @contextlib.contextmanager
+    def view(self):
+        """Yield the whole content as one bytes-like object (a bytearray or a read-only mmap)."""
+        if self._file is None:
+            yield self._memory
             return
-        offset = end
-    raise InvalidImage("The PNG file is truncated (no IEND chunk).")
+        try:
+            mapped = mmap.mmap(self._file.fileno(), self.size, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as error:
+            raise StorageUnavailable("The uploaded file could not be read back.") from error
+        try:
+            yield mapped
+        finally:
+            with contextlib.suppress(BufferError):  # views still held by a traceback: the GC closes it
+                mapped.close()
+
+    def commit(self, path):
+        """Make the spooled file durable under ``path`` in its folder; the caller syncs the folder."""
+        os.fsync(self._file.fileno())
+        os.rename(self._path, path)
+        self._path = None
+
+    def close(self):
+        """Discard whatever was not committed."""
+        self._memory = bytearray()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._path)
+            self._path = None
 
 
-def _jpeg_size(data):
-    """Walk the JPEG header segments to the start of scan; return the frame's width and height."""
-    size = None
-    for marker, _, body, end in _jpeg_segments(data):
-        if marker in JPEG_SOF:
-            if end - body < 8:
-                raise InvalidImage("The JPEG frame header is too short.")
-            height, width = struct.unpack_from(">HH", data, body + 3)
-            if not width or not height:
-                raise InvalidImage("The JPEG frame header declares no size.")
-            size = width, height
-    if size is None:
-        raise InvalidImage("The JPEG file has no frame header before its image data.")
-    if data.rfind(JPEG_EOI, end) == -1:
-        raise InvalidImage("The JPEG file is truncated or corrupt.")
-    return size
-
-
-def _jpeg_segments(data):
-    """Yield ``(marker, start, body, end)`` of each header segment, the start of scan last.
-
-    ``start`` is where its marker (with any fill bytes) begins, ``body`` where its length field
-    does. Raise InvalidImage when the segments do not lead to a start of scan.
-    """
-    offset = 2
-    for _ in range(MAX_JPEG_HEADER_SEGMENTS):
-        match = JPEG_MARKER.match(data, offset)
-        if match is None:
-            raise InvalidImage("The JPEG file is corrupt (expected a marker).")
-        marker = data[match.start(1)]
-        start, offset = match.start(), match.end()
-        if marker in JPEG_STANDALONE:
-            yield marker, start, offset, offset
-            continue
-        if offset + 2 > len(data):
-            break
-        (length,) = struct.unpack_from(">H", data, offset)
-        if length < 2 or offset + length > len(data):
-            break
-        yield marker, start, offset, offset + length
-        if marker == JPEG_SOS:
-            return
-        offset += length
-    raise InvalidImage("The JPEG file is truncated or corrupt.")
-
-
-def strip_location(data, content_type):
-    """Remove the metadata that can locate a photo but keep its orientation; never re-encode.
-
-    Takes an image inspect_image() accepted; returns ``data`` itself when there is nothing to remove.
-    """
-    if content_type == "image/jpeg":
-        return _strip_jpeg(data)
-    return _strip_png(data)
-
-
-def _is_metadata(data, marker, body):
-    return marker in JPEG_METADATA or (marker == JPEG_APP2 and data[body + 2 : body + 6] == MPF_HEADER)
-
-
-def _strip_jpeg(data):
-    view = memoryview(data)
-    kept, removed, exif_seen, orientation, jfif_first = [], False, False, None, False
-    for marker, start, body, end in _jpeg_segments(data):
-        if marker == JPEG_SOS:
-            scans, cut = _scans(data, start, end)
-            kept.extend(scans)
-            removed = removed or cut
-        elif not _is_metadata(data, marker, body):
-            jfif_first = jfif_first or (not kept and marker == JPEG_APP0)
-            kept.append(view[start:end])
-        else:
-            removed = True
-            if marker == JPEG_APP1 and not exif_seen and data[body + 2 : body + 8] == EXIF_HEADER:
-                exif_seen = True
-                orientation = _orientation_only(data[body + 8 : end])
-    if not removed:
-        return data
-    if orientation:
-        exif = EXIF_HEADER + orientation
-        kept.insert(
-            1 if jfif_first else 0, bytes([0xFF, JPEG_APP1]) + struct.pack(">H", len(exif) + 2) + exif
-        )
-    return b"".join([view[:2], *kept])
-
-
-def _scans(data, start, header_end):
-    """Return the image data from its first scan to its EOI, in pieces without metadata, and if any was cut.
-
-    A progressive JPEG has several scans, with tables (and, in edited files, metadata segments)
-    between them; the scans and tables are copied as they are.
-    """
-    view = memoryview(data)
-    pieces, kept_from, offset = [], start, header_end
-    while match := JPEG_SCAN_MARKER.search(data, offset):
-        if data[match.start() + 1] == JPEG_EOI[1]:
-            pieces.append(view[kept_from : match.end()])
-            return pieces, kept_from != start or match.end() < len(data)
-        segment_end = match.end() + int.from_bytes(data[match.end() : match.end() + 2], "big")
-        if segment_end > len(data):
-            break
-        if _is_metadata(data, data[match.start() + 1], match.end()):
-            pieces.append(view[kept_from : match.start()])
-            kept_from = segment_end
-        offset = max(segment_end, match.end())  # its contents are no markers
-    pieces.append(view[kept_from:])  # no end where one was expected: keep the rest as it is
-    return pieces, kept_from != start
-
-
-def _strip_png(data):
-    view = memoryview(data)
-    kept, removed, exif_seen = [view[: len(PNG_SIGNATURE)]], False, False
-    for kind, start, end in _png_chunks(data):
-        if kind not in PNG_METADATA:
-            kept.append(view[start:end])
-            continue
-        removed = True
-        if kind == b"eXIf" and not exif_seen:
-            exif_seen = True
-            orientation = _orientation_only(data[start + 8 : end - 4])
-            if orientation:
-                checked = b"eXIf" + orientation
-                kept.append(
-                    struct.pack(">I", len(orientation)) + checked + struct.pack(">I", zlib.crc32(checked))
-                )
-    if not removed and end == len(data):
-        return data
-    return b"".join(kept)  # and nothing of what followed IEND
-
-
-def _orientation_only(tiff):
-    """A minimal Exif TIFF block with just the Orientation of ``tiff``; None if it has none or is malformed.
-
-    Only the first IFD is read. Pointers to further IFDs are checked but never followed, so no
-    crafted chain can loop; one that points back or out of bounds marks the whole block as
-    malformed, and then no metadata at all is kept.
-    """
-    order = TIFF_BYTE_ORDERS.get(bytes(tiff[:2]))
-    if order is None or len(tiff) < 8:
-        return None
-    magic, ifd = struct.unpack_from(order + "HI", tiff, 2)
-    if magic != 42 or not 8 <= ifd <= len(tiff) - 2:
-        return None
-    (entries,) = struct.unpack_from(order + "H", tiff, ifd)
-    entries_end = ifd + 2 + 12 * entries
-    if entries_end + 4 > len(tiff):
-        return None
-    pointers = [struct.unpack_from(order + "I", tiff, entries_end)[0]]
-    orientation = None
-    for entry in range(ifd + 2, entries_end, 12):
-        tag, kind, count, value = struct.unpack_from(order + "HHIH", tiff, entry)
-        if tag in IFD_POINTER_TAGS:
-            pointers.append(struct.unpack_from(order + "I", tiff, entry + 8)[0])
-        elif tag == ORIENTATION_TAG and orientation is None:
-            orientation = value if kind == TIFF_SHORT and count == 1 else 0
-    if any(p and (p == ifd or not 8 <= p <= len(tiff) - 2) for p in pointers):
-        return None
-    if orientation not in range(2, 9):  # 1 is the default: nothing to keep
-        return None
-    fields = (42, 8, 1, ORIENTATION_TAG, TIFF_SHORT, 1, orientation, 0, 0)
-    return tiff[:2] + struct.pack(order + "HIHHHIHHI", *fields)
-
-
-class Storage:
+class Folder(Registry):
     """Images as ``<image_id>.jpg|.png``, their analyses as ``<image_id>.json``, all in one folder.
 
     An image uploaded with an idempotency key also has ``<image_id>.idem``, naming the key's
     record ``.idem-<digest>``.
     """
 
-    def __init__(self, folder, idempotency_ttl=24 * 3600):
+    def __init__(self, folder, idempotency_ttl=24 * 3600, min_free_bytes=0):
         self.folder = Path(folder)
         self.idempotency_ttl = idempotency_ttl
+        self.min_free_bytes = min_free_bytes
 
-    def check(self, min_free_bytes):
+    def open(self, clean):
+        """Delete what interrupted writes left behind when ``clean``; return how many files that was."""
+        removed = 0
+        if clean:
+            for path in self.folder.glob(TEMP_PREFIX + "*"):
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def describe(self):
+        return f"folder {self.folder}"
+
+    def check(self):
         """Raise StorageUnavailable unless the folder exists, is writable and has room for an upload."""
         try:
             usable = self.folder.is_dir() and os.access(self.folder, os.W_OK | os.X_OK)
@@ -350,48 +257,61 @@ class Storage:
             usable = False
         if not usable:
             raise StorageUnavailable("The uploads folder is missing or not writable.")
-        if stats.f_bavail * stats.f_frsize < min_free_bytes:
+        if stats.f_bavail * stats.f_frsize < self.min_free_bytes:
             raise StorageUnavailable("The disk holding the uploads folder is full.")
 
-    def remove_temp_files(self):
-        """Delete what interrupted writes left behind; return how many files that was."""
-        removed = 0
-        for path in self.folder.glob(TEMP_PREFIX + "*"):
-            path.unlink(missing_ok=True)
-            removed += 1
-        return removed
+    def spool(self):
+        return Spool(self.folder, named=True)
 
-    def save_image(self, data, idempotency_key=None):
-        """Validate an upload and store it durably under a new id; return ``(StoredImage, replayed)``.
+    def save_image(self, upload, idempotency_key=None):
+        """Store an upload durably under a new id (see Registry.save_image).
 
-        With an ``idempotency_key`` (a digest naming the client and its key), the first upload is
-        remembered for ``idempotency_ttl`` seconds: a retry of the same bytes gets it back
-        (``replayed``) instead of storing a second copy. The key's record is written before the
-        image, so a retry after a crash in between finishes the same upload.
+        The key's record is written before the image, under a lock on itself, so a retry after
+        a crash in between finishes the same upload.
         """
-        info = inspect_image(data)
-        if idempotency_key is None:
-            return self._store(str(uuid.uuid4()), data, info), False
-        fingerprint = hashlib.sha256(data).hexdigest()
-        with self._idempotency_record(idempotency_key, wait=False) as record:
-            if record.value is None:
-                record.write({"image_id": str(uuid.uuid4()), "sha256": fingerprint})
-            elif record.value["sha256"] != fingerprint:
-                raise IdempotencyKeyReused("This Idempotency-Key was already used for a different file.")
-            elif self.has_image(record.value["image_id"]):
-                return self.image(record.value["image_id"]), True
-            # A new key, or one whose first upload stopped before its image was stored: store it.
-            image_id = record.value["image_id"]
-            self.write_new(self._path(image_id, IDEMPOTENCY_SUFFIX), idempotency_key.encode(), replace=True)
-            return self._store(image_id, data, info), False
+        with upload.view() as data:
+            info = images.inspect(data)
+            if idempotency_key is None:
+                return self._store(str(uuid.uuid4()), upload, data, info), False
+            sent = fingerprint(data)
+            with self._idempotency_record(idempotency_key, wait=False) as record:
+                if record.value is None:
+                    record.write({"image_id": str(uuid.uuid4()), "sha256": sent})
+                elif record.value["sha256"] != sent:
+                    raise IdempotencyKeyReused("This Idempotency-Key was already used for a different file.")
+                elif self._has_image(record.value["image_id"]):
+                    return self.image(record.value["image_id"]), True
+                # A new key, or one whose first upload stopped before its image was stored: store it.
+                image_id = record.value["image_id"]
+                path = self._path(image_id, IDEMPOTENCY_SUFFIX)
+                self.write_new(path, [idempotency_key.encode()], replace=True)
+                return self._store(image_id, upload, data, info), False
 
-    def _store(self, image_id, data, info):
-        data = strip_location(data, info.content_type)
-        self.write_new(self._path(image_id, EXTENSIONS[info.content_type]), data, replace=True)
-        return StoredImage(image_id, info.content_type, len(data), info.width, info.height)
+    def _store(self, image_id, upload, data, info):
+        pieces = images.strip_location(data, info.content_type)
+        path = self._path(image_id, EXTENSIONS[info.content_type])
+        if pieces is None and upload.in_file and upload.named:
+            self._commit(upload, path)
+        else:
+            self.write_new(path, [data] if pieces is None else pieces, replace=True)
+        size = upload.size if pieces is None else sum(len(piece) for piece in pieces)
+        return StoredImage(image_id, info.content_type, size, info.width, info.height)
+
+    def _commit(self, upload, path):
+        """Rename a spooled upload into place, as durably as write_new() writes."""
+        committed = False
+        try:
+            upload.commit(path)
+            committed = True
+            self._sync_folder()
+        except OSError as error:
+            upload.close()
+            if committed:  # not durable, and the caller will report a failure: take it back
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            raise _write_error(error) from error
 
     def delete(self, image_id):
-        """Remove an image, its analysis and its idempotency record; raise ImageNotFound if there is none."""
         key = (self._read(self._path(image_id, IDEMPOTENCY_SUFFIX)) or b"").decode("ascii", "replace")
         # Holding the key's lock: a retry of the upload cannot see the record and then store the
         # image again after it was deleted.
@@ -414,48 +334,43 @@ class Storage:
         if not any(removed):
             raise ImageNotFound(f"No image with id {image_id} exists.")
 
-    def has_image(self, image_id):
+    def _has_image(self, image_id):
         return any(os.path.exists(self._path(image_id, ext)) for ext in EXTENSIONS.values())
 
     def image(self, image_id):
-        """Describe a stored image; raise ImageNotFound for an unknown id."""
         for extension in EXTENSIONS.values():
             try:
                 with open(self._path(image_id, extension), "rb") as file:
-                    mtime = os.fstat(file.fileno()).st_mtime
-                    data = file.read()
+                    stats = os.fstat(file.fileno())
+                    with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                        info = images.inspect(data)
                 break
             except FileNotFoundError:
                 continue
-            except OSError as error:
-                raise StorageUnavailable("The image could not be read.") from error
+            except (OSError, ValueError, images.ImageError) as error:  # it was valid when stored
+                raise StorageUnavailable("The stored image could not be read or is damaged.") from error
         else:
             raise ImageNotFound(f"No image with id {image_id} exists.")
-        try:
-            info = inspect_image(data)
-        except StorageError as error:  # it was valid when stored: the disk changed under us
-            raise StorageUnavailable("The stored image is damaged.") from error
         return StoredImage(
             image_id,
             info.content_type,
-            len(data),
+            stats.st_size,
             info.width,
             info.height,
-            uploaded_at=datetime.fromtimestamp(int(mtime), timezone.utc),
+            uploaded_at=datetime.fromtimestamp(int(stats.st_mtime), timezone.utc),
             analyzed=os.path.exists(self._path(image_id, ".json")),
         )
 
     def analysis(self, image_id, analyze):
-        """Return ``(record, created)``: the stored analysis, made by ``analyze(image_id)`` on first use."""
         record = self.stored_analysis(image_id)
         if record is not None:
             return record, False
-        if not self.has_image(image_id):
+        if not self._has_image(image_id):
             raise ImageNotFound(f"No image with id {image_id} exists.")
         record = analyze(image_id)
         record_path = self._path(image_id, ".json")
-        created = self.write_new(record_path, record, replace=False)
-        if not self.has_image(image_id):  # deleted meanwhile: leave no analysis behind
+        created = self.write_new(record_path, [record], replace=False)
+        if not self._has_image(image_id):  # deleted meanwhile: leave no analysis behind
             self._unlink(record_path)
             raise ImageNotFound(f"No image with id {image_id} exists.")
         if created:
@@ -467,14 +382,9 @@ class Storage:
         return stored, False
 
     def stored_analysis(self, image_id):
-        """The stored analysis of an image, or None when it has none yet."""
         return self._read(self._path(image_id, ".json"))
 
     def purge(self, uploaded_before, dry_run=False):
-        """Delete the images uploaded before a time, expired idempotency records and leftovers of crashes.
-
-        Yields ``(image_id, uploaded_at)`` for each image deleted (or, with ``dry_run``, due).
-        """
         with os.scandir(self.folder) as entries:
             names = [entry.name for entry in entries]
         for name in names:
@@ -501,22 +411,25 @@ class Storage:
                 ):
                     if record is not None and record.value is None:
                         record.delete()
+            elif name.startswith(TEMP_PREFIX) and mtime < time.time() - LEFTOVER_AGE:
+                # A live upload's file changes at least every CLIENT_TIMEOUT seconds: this one is a
+                # crash's leftover.
+                self._unlink(f"{self.folder}/{name}")
             elif (
                 extension in (".json", IDEMPOTENCY_SUFFIX)
                 and is_image_id(image_id)
                 and mtime < time.time() - LEFTOVER_AGE
-                and not self.has_image(image_id)
+                and not self._has_image(image_id)
             ):
                 with contextlib.suppress(ImageNotFound):
                     self.delete(image_id)  # what a crash in a delete (or before an upload's image) left
 
     def api_key(self):
-        """Return ``(key, path)`` of the key made on first start, shared by every worker and restart."""
         path = self.folder / KEY_FILE
         if not path.exists():
             # Workers starting together each try; link() lets exactly one file win.
-            self.write_new(path, secrets.token_urlsafe(32).encode(), replace=False)
-        return path.read_text().strip(), path
+            self.write_new(path, [secrets.token_urlsafe(32).encode()], replace=False)
+        return path.read_text().strip(), str(path)
 
     @contextlib.contextmanager
     def _idempotency_record(self, key, wait, create=True):
@@ -586,18 +499,19 @@ class Storage:
         # A plain string: pathlib's parsing is a visible share of a repeat analysis.
         return f"{self.folder}/{image_id}{extension}"
 
-    def write_new(self, path, data, replace):
-        """Write ``data`` to ``path`` in this folder atomically and durably: temp file, fsync, rename, fsync.
+    def write_new(self, path, pieces, replace):
+        """Write ``pieces`` to ``path`` in this folder atomically and durably: temp file, fsync, rename, fsync.
 
         With ``replace=False`` an existing file wins and False is returned, so
         concurrent writers of the same file agree on one version.
         """
-        temp = self.folder / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
+        temp = f"{self.folder}/{TEMP_PREFIX}{uuid.uuid4().hex}"
         created = False
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                _write_all(fd, data)
+                for piece in pieces:
+                    _write_all(fd, piece)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -612,23 +526,15 @@ class Storage:
             self._sync_folder()
         except OSError as error:
             with contextlib.suppress(OSError):
-                temp.unlink()
+                os.unlink(temp)
             if created:  # not durable, and the caller will report a failure: take it back
                 with contextlib.suppress(OSError):
                     os.unlink(path)
             raise _write_error(error) from error
         return created
 
-    def spool(self):
-        """Open a Spool in this folder: on its disk, not in memory, and never left behind."""
-        try:
-            # Unnamed (O_TMPFILE) where the system allows: a crash leaves nothing to clean up.
-            return Spool(tempfile.TemporaryFile(dir=self.folder, buffering=0))
-        except OSError as error:
-            raise _write_error(error) from error
-
     def _sync_folder(self):
-        # The rename is only durable once the directory entry itself is on disk.
+        # A rename is only durable once the directory entry itself is on disk.
         fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
@@ -643,8 +549,8 @@ class IdempotencyRecord:
     or its record was cut short by a crash (which happens before its image is stored).
     """
 
-    def __init__(self, storage, fd, path):
-        self.storage = storage
+    def __init__(self, folder, fd, path):
+        self.folder = folder
         self.fd = fd
         self.path = path
         self.value = self._load()
@@ -659,7 +565,7 @@ class IdempotencyRecord:
             or not is_image_id(str(value.get("image_id")))
             or not isinstance(value.get("sha256"), str)
             or not isinstance(value.get("created_at"), int)
-            or value["created_at"] < time.time() - self.storage.idempotency_ttl
+            or value["created_at"] < time.time() - self.folder.idempotency_ttl
         ):
             return None
         return value
@@ -670,49 +576,13 @@ class IdempotencyRecord:
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, json.dumps(value).encode(), 0)
             os.fsync(self.fd)
-            self.storage._sync_folder()  # a new record's name is on disk before its image is
+            self.folder._sync_folder()  # a new record's name is on disk before its image is
         except OSError as error:
             raise _write_error(error) from error
         self.value = value
 
     def delete(self):
-        self.storage._unlink(self.path)
-
-
-class Spool:
-    """A request body waiting for its turn in a temporary file, so that it holds no memory meanwhile."""
-
-    def __init__(self, file):
-        self.file = file
-        self.size = 0
-
-    def __len__(self):
-        return self.size
-
-    def write(self, chunk):
-        try:
-            _write_all(self.file.fileno(), chunk)
-        except OSError as error:
-            self.close()
-            raise _write_error(error) from error
-        self.size += len(chunk)
-
-    def read(self):
-        """Return the whole body, as a bytearray the caller may cut in place, and delete the file."""
-        body = bytearray(self.size)
-        try:
-            view = memoryview(body)
-            self.file.seek(0)
-            while view and (count := self.file.readinto(view)):
-                view = view[count:]
-            return body
-        except OSError as error:
-            raise StorageUnavailable("The uploads folder could not be read.") from error
-        finally:
-            self.close()
-
-    def close(self):
-        self.file.close()
+        self.folder._unlink(self.path)
 
 
 def _write_all(fd, data):
@@ -723,7 +593,7 @@ def _write_all(fd, data):
 
 
 def _write_error(error):
-    """The StorageError for an OSError met while writing to the uploads folder."""
+    """The StorageError for an OSError met while writing."""
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         return StorageFull("The disk holding the uploads folder is full.")
     return StorageUnavailable("The uploads folder could not be written.")

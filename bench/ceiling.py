@@ -6,7 +6,7 @@ import uuid
 
 import storage
 
-UPLOADS = storage.Storage(os.environ.get("UPLOAD_DIR", "uploads"))
+UPLOADS = storage.Folder(os.environ.get("UPLOAD_DIR", "uploads"))
 ANALYSIS = json.dumps(
     {"image_id": "00000000-0000-4000-8000-000000000000", "skin_type": "Oily", "issues": [], "confidence": 0.8}
 ).encode()
@@ -25,7 +25,7 @@ def app(environ, start_response):
         return _json(start_response, "200 OK", ANALYSIS)
     image_id = str(uuid.uuid4())
     # The service's own durable write (temp file, fsync, rename, folder fsync), none of its checks.
-    UPLOADS.write_new(UPLOADS.folder / f"{image_id}.jpg", body, replace=True)
+    UPLOADS.write_new(f"{UPLOADS.folder}/{image_id}.jpg", [body], replace=True)
     return _json(start_response, "201 Created", json.dumps({"image_id": image_id}).encode())
 
 

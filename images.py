@@ -1,0 +1,276 @@
+"""Pure byte work on photos: what a JPEG or PNG is, its dimensions, and the same photo without location."""
+
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+
+MAX_PIXELS = 100_000_000
+CONTENT_TYPES = ("image/jpeg", "image/png")
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SOI = b"\xff\xd8\xff"
+# Start-of-frame markers carry the dimensions; C4 (DHT), C8 (JPG) and CC (DAC) do not.
+JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+JPEG_STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01}
+JPEG_SOS, JPEG_EOI = 0xDA, b"\xff\xd9"
+JPEG_MARKER = re.compile(rb"\xff+([^\xff])")
+MAX_JPEG_HEADER_SEGMENTS = 1024  # real files have a few dozen; a cap stops crafted ones
+
+# Where photos say where they were taken: Exif (its GPS IFD) and XMP in JPEG APP1 segments,
+# IPTC in APP13, free text in comments, anything in vendors' APPn; Exif and text chunks in PNG.
+# All are removed but what decoding needs (JFIF APP0, ICC profiles and MPF in APP2, Adobe's
+# colour transform in APP14) and Exif's Orientation, kept in a minimal Exif segment of its own.
+# After the image's end (EOI) anything may follow: a second image with its own Exif (MPO, gain
+# maps), a motion photo's video. It is dropped, and with it the APP2 index (MPF) pointing to it.
+JPEG_APP0, JPEG_APP1, JPEG_APP2 = 0xE0, 0xE1, 0xE2
+JPEG_METADATA = frozenset(range(0xE0, 0xF0)) - {JPEG_APP0, JPEG_APP2, 0xEE} | {0xFE}
+MPF_HEADER = b"MPF\0"
+# The end of the image, or a segment between its scans: inside image data, 0xFF is only ever
+# followed by 00 (a stuffed byte), a restart marker (D0-D7) or another 0xFF (fill).
+JPEG_SCAN_MARKER = re.compile(rb"\xff[\xc0-\xcf\xd9-\xfe]")
+PNG_METADATA = frozenset({b"eXIf", b"tEXt", b"zTXt", b"iTXt"})
+EXIF_HEADER = b"Exif\0\0"
+TIFF_BYTE_ORDERS = {b"II": "<", b"MM": ">"}
+TIFF_SHORT = 3
+ORIENTATION_TAG = 0x0112
+IFD_POINTER_TAGS = frozenset({0x8769, 0x8825, 0xA005})  # Exif, GPS and Interoperability IFDs
+
+
+class ImageError(Exception):
+    """Base of what makes bytes unacceptable as a photo."""
+
+
+class UnsupportedType(ImageError):
+    """The bytes are neither a JPEG nor a PNG."""
+
+
+class InvalidImage(ImageError):
+    """A JPEG or PNG signature, but no readable dimensions (truncated or corrupt)."""
+
+
+class ImageTooLarge(ImageError):
+    """More pixels than any phone camera produces."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    content_type: str
+    width: int
+    height: int
+
+
+def inspect(data):
+    """Identify a JPEG or PNG from its bytes and read its dimensions.
+
+    ``data`` is any bytes-like object with ``find`` (bytes, bytearray, mmap).
+    """
+    if data[:8] == PNG_SIGNATURE:
+        width, height = _png_size(data)
+        content_type = "image/png"
+    elif data[:3] == JPEG_SOI:
+        width, height = _jpeg_size(data)
+        content_type = "image/jpeg"
+    else:
+        raise UnsupportedType("Only JPEG and PNG images are accepted; this file is neither.")
+    if width * height > MAX_PIXELS:
+        megapixels = MAX_PIXELS // 1_000_000
+        raise ImageTooLarge(
+            f"The image is {width}x{height} pixels; at most {megapixels} megapixels are accepted."
+        )
+    return ImageInfo(content_type, width, height)
+
+
+def strip_location(data, content_type):
+    """Return the pieces of ``data`` that make the same photo without location metadata, or None.
+
+    None means there is nothing to remove. Orientation is kept and nothing is re-encoded: the
+    pieces are memoryviews of ``data`` (and a few new bytes), to be written out in order. Takes
+    an image inspect() accepted.
+    """
+    if content_type == "image/jpeg":
+        return _strip_jpeg(data)
+    return _strip_png(data)
+
+
+def _png_size(data):
+    """Check the chunk structure through IEND; return IHDR's width and height."""
+    if len(data) < 33 or data[8:16] != b"\x00\x00\x00\x0dIHDR":
+        raise InvalidImage("The PNG file has no valid IHDR header.")
+    (crc,) = struct.unpack_from(">I", data, 29)
+    if zlib.crc32(data[12:29]) != crc:
+        raise InvalidImage("The PNG header is corrupt (bad IHDR checksum).")
+    width, height = struct.unpack_from(">II", data, 16)
+    if not (0 < width < 2**31 and 0 < height < 2**31):
+        raise InvalidImage("The PNG header declares an impossible size.")
+    for _ in _png_chunks(data):
+        pass
+    return width, height
+
+
+def _png_chunks(data):
+    """Yield ``(kind, start, end)`` of each chunk through IEND; raise InvalidImage if IEND is missing."""
+    offset = len(PNG_SIGNATURE)
+    while offset + 12 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, offset)
+        end = offset + 12 + length
+        if end > len(data):
+            break
+        yield kind, offset, end
+        if kind == b"IEND":
+            return
+        offset = end
+    raise InvalidImage("The PNG file is truncated (no IEND chunk).")
+
+
+def _jpeg_size(data):
+    """Walk the JPEG header segments to the start of scan; return the frame's width and height."""
+    size = None
+    for marker, _, body, end in _jpeg_segments(data):
+        if marker in JPEG_SOF:
+            if end - body < 8:
+                raise InvalidImage("The JPEG frame header is too short.")
+            height, width = struct.unpack_from(">HH", data, body + 3)
+            if not width or not height:
+                raise InvalidImage("The JPEG frame header declares no size.")
+            size = width, height
+    if size is None:
+        raise InvalidImage("The JPEG file has no frame header before its image data.")
+    if data.rfind(JPEG_EOI, end) == -1:
+        raise InvalidImage("The JPEG file is truncated or corrupt.")
+    return size
+
+
+def _jpeg_segments(data):
+    """Yield ``(marker, start, body, end)`` of each header segment, the start of scan last.
+
+    ``start`` is where its marker (with any fill bytes) begins, ``body`` where its length field
+    does. Raise InvalidImage when the segments do not lead to a start of scan.
+    """
+    offset = 2
+    for _ in range(MAX_JPEG_HEADER_SEGMENTS):
+        match = JPEG_MARKER.match(data, offset)
+        if match is None:
+            raise InvalidImage("The JPEG file is corrupt (expected a marker).")
+        marker = data[match.start(1)]
+        start, offset = match.start(), match.end()
+        if marker in JPEG_STANDALONE:
+            yield marker, start, offset, offset
+            continue
+        if offset + 2 > len(data):
+            break
+        (length,) = struct.unpack_from(">H", data, offset)
+        if length < 2 or offset + length > len(data):
+            break
+        yield marker, start, offset, offset + length
+        if marker == JPEG_SOS:
+            return
+        offset += length
+    raise InvalidImage("The JPEG file is truncated or corrupt.")
+
+
+def _is_metadata(data, marker, body):
+    return marker in JPEG_METADATA or (marker == JPEG_APP2 and data[body + 2 : body + 6] == MPF_HEADER)
+
+
+def _strip_jpeg(data):
+    view = memoryview(data)
+    kept, removed, exif_seen, orientation, jfif_first = [], False, False, None, False
+    for marker, start, body, end in _jpeg_segments(data):
+        if marker == JPEG_SOS:
+            scans, cut = _scans(data, start, end)
+            kept.extend(scans)
+            removed = removed or cut
+        elif not _is_metadata(data, marker, body):
+            jfif_first = jfif_first or (not kept and marker == JPEG_APP0)
+            kept.append(view[start:end])
+        else:
+            removed = True
+            if marker == JPEG_APP1 and not exif_seen and data[body + 2 : body + 8] == EXIF_HEADER:
+                exif_seen = True
+                orientation = _orientation_only(data[body + 8 : end])
+    if not removed:
+        return None
+    if orientation:
+        exif = EXIF_HEADER + orientation
+        kept.insert(
+            1 if jfif_first else 0, bytes([0xFF, JPEG_APP1]) + struct.pack(">H", len(exif) + 2) + exif
+        )
+    return [view[:2], *kept]
+
+
+def _scans(data, start, header_end):
+    """Return the image data from its first scan to its EOI, in pieces without metadata, and if any was cut.
+
+    A progressive JPEG has several scans, with tables (and, in edited files, metadata segments)
+    between them; the scans and tables are copied as they are.
+    """
+    view = memoryview(data)
+    pieces, kept_from, offset = [], start, header_end
+    while match := JPEG_SCAN_MARKER.search(data, offset):
+        if data[match.start() + 1] == JPEG_EOI[1]:
+            pieces.append(view[kept_from : match.end()])
+            return pieces, kept_from != start or match.end() < len(data)
+        segment_end = match.end() + int.from_bytes(data[match.end() : match.end() + 2], "big")
+        if segment_end > len(data):
+            break
+        if _is_metadata(data, data[match.start() + 1], match.end()):
+            pieces.append(view[kept_from : match.start()])
+            kept_from = segment_end
+        offset = max(segment_end, match.end())  # its contents are no markers
+    pieces.append(view[kept_from:])  # no end where one was expected: keep the rest as it is
+    return pieces, kept_from != start
+
+
+def _strip_png(data):
+    view = memoryview(data)
+    kept, removed, exif_seen = [view[: len(PNG_SIGNATURE)]], False, False
+    for kind, start, end in _png_chunks(data):
+        if kind not in PNG_METADATA:
+            kept.append(view[start:end])
+            continue
+        removed = True
+        if kind == b"eXIf" and not exif_seen:
+            exif_seen = True
+            orientation = _orientation_only(data[start + 8 : end - 4])
+            if orientation:
+                checked = b"eXIf" + orientation
+                kept.append(
+                    struct.pack(">I", len(orientation)) + checked + struct.pack(">I", zlib.crc32(checked))
+                )
+    if not removed and end == len(data):
+        return None
+    return kept  # and nothing of what followed IEND
+
+
+def _orientation_only(tiff):
+    """A minimal Exif TIFF block with just the Orientation of ``tiff``; None if it has none or is malformed.
+
+    Only the first IFD is read. Pointers to further IFDs are checked but never followed, so no
+    crafted chain can loop; one that points back or out of bounds marks the whole block as
+    malformed, and then no metadata at all is kept.
+    """
+    order = TIFF_BYTE_ORDERS.get(bytes(tiff[:2]))
+    if order is None or len(tiff) < 8:
+        return None
+    magic, ifd = struct.unpack_from(order + "HI", tiff, 2)
+    if magic != 42 or not 8 <= ifd <= len(tiff) - 2:
+        return None
+    (entries,) = struct.unpack_from(order + "H", tiff, ifd)
+    entries_end = ifd + 2 + 12 * entries
+    if entries_end + 4 > len(tiff):
+        return None
+    pointers = [struct.unpack_from(order + "I", tiff, entries_end)[0]]
+    orientation = None
+    for entry in range(ifd + 2, entries_end, 12):
+        tag, kind, count, value = struct.unpack_from(order + "HHIH", tiff, entry)
+        if tag in IFD_POINTER_TAGS:
+            pointers.append(struct.unpack_from(order + "I", tiff, entry + 8)[0])
+        elif tag == ORIENTATION_TAG and orientation is None:
+            orientation = value if kind == TIFF_SHORT and count == 1 else 0
+    if any(p and (p == ifd or not 8 <= p <= len(tiff) - 2) for p in pointers):
+        return None
+    if orientation not in range(2, 9):  # 1 is the default: nothing to keep
+        return None
+    fields = (42, 8, 1, ORIENTATION_TAG, TIFF_SHORT, 1, orientation, 0, 0)
+    return tiff[:2] + struct.pack(order + "HIHHHIHHI", *fields)

@@ -1,0 +1,624 @@
+"""Tests against real gunicorn servers started as the Procfile starts them (marked slow)."""
+
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+import images
+import storage
+from conftest import (
+    FILE_HEADERS,
+    KEY,
+    Server,
+    analyze_over_http,
+    health_status,
+    image_files,
+    image_names,
+    make_jpeg,
+    make_png,
+    multipart,
+    no_temp_files,
+    stored_files,
+    unique_jpeg,
+    wait_healthy,
+    worker_pids,
+)
+
+
+@pytest.fixture(scope="module")
+def big_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("big")
+    files = {}
+    for megabytes in (20, 60):
+        path = folder / f"{megabytes}mb.jpg"
+        with open(path, "wb") as file:
+            file.write(make_jpeg())
+            file.write(b"\0" * megabytes * 1_000_000)
+        files[megabytes] = path
+    return files
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("megabytes", [20, 60])
+@pytest.mark.parametrize("expect", [True, False], ids=["expect-100", "no-expect"])
+def test_curl_gets_413_for_huge_upload(server, uploads, big_files, megabytes, expect):
+    command = [
+        "curl",
+        "-sS",
+        "-H",
+        f"X-API-Key: {KEY}",
+        "-F",
+        f"file=@{big_files[megabytes]}",
+        "-w",
+        "\n%{http_code}",
+        server.url + "/upload",
+    ]
+    if not expect:
+        command[2:2] = ["-H", "Expect:"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    body, status = result.stdout.rsplit("\n", 1)
+    assert status == "413"
+    assert json.loads(body)["code"] == "file_too_large"
+    assert stored_files(uploads) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("megabytes", [20, 60])
+def test_requests_gets_413_for_huge_upload(server, uploads, big_files, megabytes):
+    with open(big_files[megabytes], "rb") as file:
+        response = requests.post(
+            server.url + "/upload", headers={"X-API-Key": KEY}, files={"file": file}, timeout=60
+        )
+    assert response.status_code == 413
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert response.json()["code"] == "file_too_large"
+    assert stored_files(uploads) == []
+
+
+@pytest.mark.slow
+def test_gunicorn_end_to_end(server, uploads):
+    session = requests.Session()
+    session.headers["X-API-Key"] = KEY
+    data = make_jpeg(size=5_242_880)
+    response = session.post(
+        server.url + "/api/v1/upload", files={"file": ("a.jpg", data, "image/jpeg")}, timeout=30
+    )
+    assert response.status_code == 201, response.text
+    image_id = response.json()["image_id"]
+    bodies = {
+        session.post(server.url + "/analyze", json={"image_id": image_id}, timeout=10).content
+        for _ in range(20)
+    }
+    assert len(bodies) == 1
+    chunked = session.post(
+        server.url + "/upload",
+        data=iter([b"x"]),
+        timeout=10,
+        headers={"Content-Type": "multipart/form-data; boundary=b"},
+    )
+    assert chunked.status_code == 400 and chunked.json()["code"] == "invalid_multipart"
+    assert (uploads / f"{image_id}.jpg").read_bytes() == data
+
+
+@pytest.mark.slow
+def test_chunked_upload_over_the_limit_gets_413(server, uploads):
+    def chunks():
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n' + make_jpeg()
+        for _ in range(8):
+            yield b"\0" * 1_000_000
+
+    response = requests.post(
+        server.url + "/upload",
+        data=chunks(),
+        timeout=30,
+        headers={"X-API-Key": KEY, "Content-Type": "multipart/form-data; boundary=b"},
+    )
+    assert response.status_code == 413
+    assert stored_files(uploads) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preload", [True, False], ids=["procfile", "workers-start-together"])
+def test_workers_agree_on_the_generated_key(uploads, preload):
+    args = ["--workers", "4"] + (
+        [] if preload else ["--config", os.devnull, "--worker-class", "gthread", "app:create_app()"]
+    )
+    with Server(uploads, args=args) as running:
+        key = (uploads / storage.KEY_FILE).read_text()
+        statuses = set()
+        for _ in range(40):  # new connections, spread over the workers
+            response = requests.post(
+                running.url + "/analyze",
+                headers={"X-API-Key": key, "Connection": "close"},
+                json={"image_id": "mock_oily"},
+                timeout=10,
+            )
+            statuses.add(response.status_code)
+        assert statuses == {200}
+
+
+@pytest.mark.slow
+def test_stalled_upload_is_cut_off_and_discarded(uploads):
+    with Server(uploads, {"API_KEY": KEY, "CLIENT_TIMEOUT": "1"}) as running:
+        body = multipart([(FILE_HEADERS, make_png())])
+        stalled = socket.create_connection(("127.0.0.1", running.port), timeout=10)
+        stalled.sendall(
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nX-API-Key: %s\r\nContent-Length: %d\r\n"
+            b"Content-Type: multipart/form-data; boundary=b0undary\r\n\r\n%s"
+            % (KEY.encode(), len(body), body[:50])
+        )
+        started = time.monotonic()
+        assert analyze_over_http(running, "mock_oily").status_code == 200  # others are served meanwhile
+        answer = b""
+        while chunk := stalled.recv(65536):  # gunicorn closes the connection after a 408
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408")
+        assert b'"code":"request_timeout"' in answer
+        assert time.monotonic() - started < 5
+        stalled.close()
+        assert stored_files(uploads) == []
+
+
+@pytest.mark.slow
+def test_slow_and_silent_clients_do_not_hold_up_others(uploads, record):
+    """Trickling uploads, silent connections and dribbled headers; a good client is still served."""
+    body = multipart([(FILE_HEADERS, make_jpeg(size=1_000_000))])
+    head = (
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nX-API-Key: %s\r\nContent-Length: %d\r\n"
+        b"Content-Type: multipart/form-data; boundary=b0undary\r\n\r\n" % (KEY.encode(), len(body))
+    )
+    with Server(uploads, {"API_KEY": KEY}) as running:  # the Procfile's settings: 2 workers
+        connect = functools.partial(socket.create_connection, ("127.0.0.1", running.port), timeout=10)
+        silent = [connect() for _ in range(20)]
+        trickling = [connect() for _ in range(20)]
+        dribbling = [connect() for _ in range(10)]
+        for client in trickling:
+            client.sendall(head)
+        stop = threading.Event()
+
+        def misbehave():
+            sent = 0
+            while not stop.wait(0.5):  # 4 bytes a second each
+                for client in trickling:
+                    client.sendall(body[sent : sent + 2])
+                for client in dribbling:
+                    client.sendall(head[sent : sent + 2])
+                sent += 2
+
+        misbehaving = threading.Thread(target=misbehave)
+        misbehaving.start()
+        slowest = 0
+        try:
+            session = requests.Session()
+            session.headers["X-API-Key"] = KEY
+            deadline = time.monotonic() + 12  # past gunicorn's 5 s wait on silent connections
+            while time.monotonic() < deadline:
+                started = time.monotonic()
+                # A new connection each time, so both workers are tried.
+                close = {"Connection": "close"}
+                assert session.get(running.url + "/health", headers=close, timeout=5).status_code == 200
+                created = session.post(
+                    running.url + "/upload", files={"file": make_png()}, headers=close, timeout=5
+                )
+                assert created.status_code == 201
+                image_id = created.json()["image_id"]
+                analyzed = session.post(
+                    running.url + "/analyze", json={"image_id": image_id}, headers=close, timeout=5
+                )
+                assert analyzed.status_code == 200
+                slowest = max(slowest, time.monotonic() - started)
+        finally:
+            stop.set()
+            misbehaving.join()
+            for client in silent + trickling + dribbling:
+                client.close()
+        record("slow clients: slowest health+upload+analyze round", f"{slowest:.3f} s")
+        assert slowest < 2
+        assert running.process.poll() is None
+
+
+@pytest.mark.slow
+def test_killed_workers_never_lose_or_corrupt_uploads(uploads, record):
+    running = Server(uploads, {"API_KEY": KEY})  # the Procfile's settings: 2 workers
+    sent, acknowledged, stop = {}, {}, threading.Event()
+
+    def client(seed):
+        session = requests.Session()
+        session.headers["X-API-Key"] = KEY
+        sizes = [1_000_000, 2_500_000, 5_242_880]
+        for n in range(10_000):
+            if stop.is_set():
+                return
+            data = unique_jpeg(sizes[(seed + n) % len(sizes)])
+            digest = hashlib.sha256(data).hexdigest()
+            sent[digest] = len(data)
+            try:
+                response = session.post(running.url + "/upload", files={"file": ("a.jpg", data)}, timeout=30)
+            except requests.RequestException:
+                continue  # the worker died mid-request: the client never learned an id
+            if response.status_code == 201:
+                acknowledged[response.json()["image_id"]] = digest
+
+    kills = 0
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(client, seed) for seed in range(6)]
+            for _ in range(20):
+                time.sleep(0.4)
+                pids = worker_pids(running)
+                os.kill(pids[kills % len(pids)], signal.SIGKILL)
+                kills += 1
+                assert wait_healthy(running), "the service stopped answering after a kill"
+            stop.set()
+            for future in futures:
+                future.result()
+    finally:
+        stop.set()
+        running.stop()
+
+    assert kills >= 20 and len(acknowledged) >= 20
+    files = image_files(uploads)
+    for image_id, digest in acknowledged.items():
+        assert hashlib.sha256(files[image_id].read_bytes()).hexdigest() == digest
+    # A worker killed after the rename but before its 201 left leaves a complete file whose id
+    # nobody learned; it must still be exactly one of the uploads sent, never a partial one.
+    for image_id in set(files) - set(acknowledged):
+        assert hashlib.sha256(files[image_id].read_bytes()).hexdigest() in sent
+    Server(uploads, {"API_KEY": KEY}).stop()  # the next start removes what the kills left
+    assert no_temp_files(uploads)
+    record(
+        "worker kills",
+        f"{kills} SIGKILLs, {len(sent)} uploads sent, {len(acknowledged)} acknowledged and byte-identical,"
+        f" {len(set(files) - set(acknowledged))} complete but unacknowledged",
+    )
+
+
+@pytest.mark.slow
+def test_concurrent_retries_across_workers_store_one_image(uploads, record):
+    data = unique_jpeg(2_000_000)
+    headers = {"X-API-Key": KEY, "Idempotency-Key": "photo-1", "Connection": "close"}
+    with Server(uploads, {"API_KEY": KEY, "WEB_CONCURRENCY": "3"}) as running:
+        barrier = threading.Barrier(12)
+
+        def retry(_):
+            barrier.wait()
+            return requests.post(running.url + "/upload", headers=headers, files={"file": data}, timeout=30)
+
+        with ThreadPoolExecutor(12) as pool:
+            responses = list(pool.map(retry, range(12)))
+        later = requests.post(running.url + "/upload", headers=headers, files={"file": data}, timeout=30)
+    statuses = Counter(response.status_code for response in responses)
+    assert set(statuses) <= {201, 409} and statuses[201] >= 1
+    for response in responses:
+        if response.status_code == 409:
+            assert response.json()["code"] == "idempotency_conflict"
+    image_ids = {response.json()["image_id"] for response in responses if response.status_code == 201}
+    assert len(image_ids) == 1
+    assert later.status_code == 201 and later.headers["Idempotent-Replayed"] == "true"
+    assert {later.json()["image_id"]} == image_ids
+    assert image_names(uploads) == [f"{image_ids.pop()}.jpg"]
+    record("12 simultaneous retries over 3 workers", dict(statuses))
+
+
+@pytest.mark.slow
+def test_deletes_racing_analyses_across_workers_leave_nothing_behind(uploads):
+    with Server(uploads, {"API_KEY": KEY, "WEB_CONCURRENCY": "3"}) as running:
+        session = requests.Session()
+        session.headers["X-API-Key"] = KEY
+        image_ids = [
+            session.post(running.url + "/upload", files={"file": unique_jpeg(5_000)}, timeout=10).json()[
+                "image_id"
+            ]
+            for _ in range(30)
+        ]
+        close = {"X-API-Key": KEY, "Connection": "close"}
+
+        def analyze_(image_id):
+            return requests.post(
+                running.url + "/analyze", json={"image_id": image_id}, headers=close, timeout=10
+            )
+
+        def delete_(image_id):
+            return requests.delete(f"{running.url}/images/{image_id}", headers=close, timeout=10)
+
+        with ThreadPoolExecutor(16) as pool:
+            analyses = [pool.submit(analyze_, image_id) for image_id in image_ids for _ in range(3)]
+            deletes = [pool.submit(delete_, image_id) for image_id in image_ids]
+            assert {future.result().status_code for future in deletes} == {204}
+            assert {future.result().status_code for future in analyses} <= {200, 404}
+    assert stored_files(uploads) == []  # no analysis outlived its image
+
+
+@pytest.mark.slow
+def test_server_killed_outright_keeps_everything_acknowledged(uploads):
+    running = Server(uploads, {"API_KEY": KEY})
+    session = requests.Session()
+    session.headers["X-API-Key"] = KEY
+    results = {}
+    for _ in range(20):
+        data = unique_jpeg(200_000)
+        image_id = session.post(running.url + "/upload", files={"file": ("a.jpg", data)}, timeout=10).json()[
+            "image_id"
+        ]
+        results[image_id] = (
+            data,
+            session.post(running.url + "/analyze", json={"image_id": image_id}, timeout=10).content,
+        )
+    for pid in [running.process.pid, *worker_pids(running)]:
+        os.kill(pid, signal.SIGKILL)
+    running.process.wait()
+    with Server(uploads, {"API_KEY": KEY}) as restarted:
+        for image_id, (data, analysis_body) in results.items():
+            assert (uploads / f"{image_id}.jpg").read_bytes() == data
+            response = session.post(restarted.url + "/analyze", json={"image_id": image_id}, timeout=10)
+            assert response.content == analysis_body
+
+
+@pytest.mark.slow
+def test_concurrent_uploads_and_analyses_across_workers(uploads):
+    with Server(uploads, {"API_KEY": KEY, "WEB_CONCURRENCY": "3"}) as running:
+        photos = [unique_jpeg(50_000) for _ in range(64)]
+
+        def send(data):
+            response = requests.post(
+                running.url + "/upload",
+                headers={"X-API-Key": KEY},
+                files={"file": ("a.jpg", data)},
+                timeout=30,
+            )
+            return response.status_code, response.json()["image_id"]
+
+        with ThreadPoolExecutor(64) as pool:
+            uploaded = list(pool.map(send, photos))
+        assert {status for status, _ in uploaded} == {201}
+        assert len({image_id for _, image_id in uploaded}) == 64
+        for (_, image_id), data in zip(uploaded, photos):
+            assert (uploads / f"{image_id}.jpg").read_bytes() == data
+
+        target = uploaded[0][1]
+        with ThreadPoolExecutor(50) as pool:
+            bodies = list(pool.map(lambda _: analyze_over_http(running, target).content, range(200)))
+        assert len(set(bodies)) == 1
+        assert (uploads / f"{target}.json").read_bytes() == bodies[0]
+        assert json.loads(bodies[0])["image_id"] == target
+        assert no_temp_files(uploads)
+
+
+def raw_request(server, data, shut_write=False):
+    """Send raw bytes to the server and return its whole answer."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection:
+        connection.sendall(data)
+        if shut_write:
+            connection.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+            if b"\r\n\r\n" in answer and b'"code"' in answer:
+                break
+        return answer
+
+
+MULTIPART_TYPE = "multipart/form-data; boundary=b0undary"
+
+
+def http_request(path, body, content_type, close=False):
+    """One request as bytes, for sending several on one connection."""
+    return (
+        b"POST %s HTTP/1.1\r\nHost: x\r\nX-API-Key: %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n"
+        % (path.encode(), KEY.encode(), content_type.encode(), len(body), b"Connection: close\r\n" * close)
+    ) + body
+
+
+def http_responses(answer):
+    """Split the answers read from one connection into (status, body) pairs."""
+    responses = []
+    while answer:
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: (\d+)", head)[1])
+        responses.append((int(head.split()[1]), rest[:length]))
+        answer = rest[length:]
+    return responses
+
+
+@pytest.mark.slow
+def test_requests_pipelined_behind_bodies_read_from_the_socket_are_served(server, uploads):
+    """Bodies are read from gunicorn's socket directly: whatever follows one is the next request."""
+    photos = [unique_jpeg(300_000), make_png(), unique_jpeg(2_000_000)]
+    analysis_body = json.dumps({"image_id": "mock_oily"}).encode()
+    requests_ = [
+        http_request("/analyze", analysis_body, "application/json")
+    ] * 2  # small: read with the headers
+    requests_ += [
+        http_request("/upload", multipart([(FILE_HEADERS, data)]), MULTIPART_TYPE) for data in photos
+    ]
+    requests_.append(http_request("/analyze", analysis_body, "application/json", close=True))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as connection:
+        connection.sendall(b"".join(requests_))
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    responses = http_responses(answer)
+    assert [status for status, _ in responses] == [200, 200, 201, 201, 201, 200]
+    assert responses[0][1] == responses[1][1] == responses[-1][1]
+    stored = [json.loads(body)["image_id"] for _, body in responses[2:5]]
+    for image_id, data in zip(stored, photos):
+        assert image_files(uploads)[image_id].read_bytes() == data
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "body, shut_write, code",
+    [
+        (b"zz\r\nabc\r\n0\r\n\r\n", False, "invalid_body"),
+        (b"5\r\nabcdefgh\r\n0\r\n\r\n", False, "invalid_body"),
+        (b"100\r\nabc", True, "incomplete_body"),
+    ],
+    ids=["bad chunk size", "missing chunk terminator", "cut off"],
+)
+def test_broken_chunked_bodies_are_4xx(server, uploads, body, shut_write, code):
+    head = (
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nX-API-Key: %s\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: multipart/form-data; boundary=b\r\n\r\n" % KEY.encode()
+    )
+    answer = raw_request(server, head + body, shut_write)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert b'"code":"%s"' % code.encode() in answer
+    assert stored_files(uploads) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs: a disk that really fills up and really turns read-only."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)]).returncode
+    ):
+        pytest.skip("mounting a tmpfs needs root; test_storage_failure_leaves_nothing_behind covers ENOSPC")
+    (mount / "uploads").mkdir()
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+@pytest.mark.slow
+def test_full_read_only_and_deleted_folders_fail_cleanly_and_recover(small_disk):
+    folder = small_disk / "uploads"
+    with Server(folder, {"API_KEY": KEY, "MAX_UPLOAD_BYTES": "1000000"}) as running:
+        session = requests.Session()
+        session.headers["X-API-Key"] = KEY
+
+        def send():
+            return session.post(
+                running.url + "/upload", files={"file": ("a.jpg", unique_jpeg(900_000))}, timeout=30
+            )
+
+        statuses = [send().status_code for _ in range(6)]
+        assert statuses[0] == 201 and statuses[-1] == 507, statuses
+        assert send().json()["code"] == "storage_unavailable"
+        assert health_status(running) == 503 and no_temp_files(folder)
+        for path in image_files(folder).values():
+            assert images.inspect(path.read_bytes())  # every stored file is whole
+        for path in list(image_files(folder).values())[:3]:
+            path.unlink()
+        assert health_status(running) == 200 and send().status_code == 201  # no restart needed
+
+        subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+        try:
+            assert send().status_code == 503 and health_status(running) == 503
+        finally:
+            subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+        assert health_status(running) == 200 and send().status_code == 201
+
+        shutil.rmtree(folder)
+        assert send().status_code == 503 and health_status(running) == 503
+        folder.mkdir()
+        assert health_status(running) == 200 and send().status_code == 201
+
+
+@pytest.mark.slow
+def test_sigterm_lets_uploads_in_flight_finish(uploads):
+    with Server(uploads, {"API_KEY": KEY}) as running:
+        photos = [unique_jpeg(2_000_000) for _ in range(3)]
+        connections = []
+        for data in photos:
+            body = multipart([(b'Content-Disposition: form-data; name="file"; filename="a.jpg"', data)])
+            head = (
+                b"POST /upload HTTP/1.1\r\nHost: x\r\nX-API-Key: %s\r\nContent-Length: %d\r\n"
+                b"Content-Type: multipart/form-data; boundary=b0undary\r\n\r\n" % (KEY.encode(), len(body))
+            )
+            connection = socket.create_connection(("127.0.0.1", running.port), timeout=20)
+            connection.sendall(head + body[: len(body) // 2])
+            connections.append((connection, body[len(body) // 2 :]))
+        time.sleep(0.5)  # the workers are now reading these bodies
+        running.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        answers = []
+        for connection, rest in connections:
+            connection.sendall(rest)
+            answers.append(connection.recv(65536))
+            connection.close()
+        assert all(answer.startswith(b"HTTP/1.1 201") for answer in answers), [a[:60] for a in answers]
+        assert running.process.wait(timeout=25) == 0
+        stored = {hashlib.sha256(p.read_bytes()).digest() for p in image_files(uploads).values()}
+        assert stored == {hashlib.sha256(data).digest() for data in photos}
+        assert no_temp_files(uploads)
+
+
+def worker_rss_kib(server):
+    total = 0
+    for pid in worker_pids(server):
+        status = Path(f"/proc/{pid}/status").read_text()
+        total += int(re.search(r"VmRSS:\s+(\d+)", status)[1])
+    return total
+
+
+def oversized_requests():
+    head = b"POST /upload HTTP/1.1\r\nHost: x\r\nX-API-Key: %s\r\n" % KEY.encode()
+    multipart_type = b"Content-Type: multipart/form-data; boundary=b0undary\r\n"
+    for megabytes in (6, 20, 60, 200):
+        yield (
+            f"{megabytes} MB body",
+            head + multipart_type + b"Content-Length: %d\r\n\r\n" % (megabytes * 10**6),
+            413,
+        )
+    many_parts = (
+        b'--b0undary\r\nContent-Disposition: form-data; name="f"\r\n\r\nv\r\n' * 10_000 + b"--b0undary--\r\n"
+    )
+    yield (
+        "10,000 parts",
+        head + multipart_type + b"Content-Length: %d\r\n\r\n" % len(many_parts) + many_parts,
+        400,
+    )
+    never_closed = (
+        b'--b0undary\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n' + b"x" * 100_000
+    )
+    yield (
+        "boundary never closes",
+        head + multipart_type + b"Content-Length: %d\r\n\r\n" % len(never_closed) + never_closed,
+        400,
+    )
+    text_field = b'--b0undary\r\nContent-Disposition: form-data; name="file"\r\n\r\nhello\r\n--b0undary--\r\n'
+    yield (
+        "file is a text field",
+        head + multipart_type + b"Content-Length: %d\r\n\r\n" % len(text_field) + text_field,
+        400,
+    )
+    yield "1 MB header (gunicorn refuses it itself)", head + b"X-Junk: " + b"j" * 1_000_000 + b"\r\n\r\n", 431
+
+
+@pytest.mark.slow
+def test_oversized_and_malformed_requests_are_refused_cheaply(server, uploads, record):
+    while len(worker_pids(server)) < 2 or not all(health_status(server) == 200 for _ in range(10)):
+        time.sleep(0.1)  # both workers up and warm before the baseline
+    baseline = worker_rss_kib(server)
+    for label, request_bytes, status in [*oversized_requests(), *oversized_requests()]:
+        try:
+            answer = raw_request(server, request_bytes)
+        except (BrokenPipeError, ConnectionResetError):
+            answer = b""  # refused and closed while we were still sending: allowed for abuse
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 %d" % status), (label, answer[:100])
+        assert health_status(server) == 200, label
+    growth = worker_rss_kib(server) - baseline
+    assert growth < 8 * 1024  # two workers, two passes: a few MB at most
+    assert stored_files(uploads) == []
+    peaks = [
+        re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())[1]
+        for pid in worker_pids(server)
+    ]
+    record("oversized requests", f"RSS growth {growth} KiB over both workers; peak RSS {peaks} KiB")
