@@ -14,8 +14,14 @@ JPEG_SOI = b"\xff\xd8\xff"
 JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 JPEG_STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01}
 JPEG_SOS, JPEG_EOI = 0xDA, b"\xff\xd9"
-JPEG_MARKER = re.compile(rb"\xff+([^\xff])")
+# A marker: 0xFF, any fill bytes (more 0xFF), then its code. FF 00 is a stuffed byte, never a marker.
+JPEG_MARKER = re.compile(rb"\xff+([^\x00\xff])")
 MAX_JPEG_HEADER_SEGMENTS = 1024  # real files have a few dozen; a cap stops crafted ones
+# libjpeg skips stray bytes before a header marker ("extraneous bytes before marker"), and real
+# files need it: a Photoshop APP13 declaring 16 bytes too few, an Adobe APP14 one byte too few,
+# junk after a comment (1 to 16 bytes in the files seen). The skip is bounded: a file with more
+# junk than this between its segments is taken for what it is, corrupt.
+MAX_JPEG_JUNK_BYTES = 1024
 
 # Where photos say where they were taken: Exif (its GPS IFD) and XMP in JPEG APP1 segments,
 # IPTC in APP13, free text in comments, anything in vendors' APPn; Exif and text chunks in PNG.
@@ -145,13 +151,17 @@ def _jpeg_segments(data):
     """Yield ``(marker, start, body, end)`` of each header segment, the start of scan last.
 
     ``start`` is where its marker (with any fill bytes) begins, ``body`` where its length field
-    does. Raise InvalidImage when the segments do not lead to a start of scan.
+    does. Stray bytes before a marker are skipped as libjpeg skips them; a segment whose
+    ``start`` is not the previous one's ``end`` follows such bytes. Raise InvalidImage when the
+    segments do not lead to a start of scan.
     """
     offset = 2
     for _ in range(MAX_JPEG_HEADER_SEGMENTS):
         match = JPEG_MARKER.match(data, offset)
         if match is None:
-            raise InvalidImage("The JPEG file is corrupt (expected a marker).")
+            match = JPEG_MARKER.search(data, offset, offset + MAX_JPEG_JUNK_BYTES + 2)
+            if match is None:
+                raise InvalidImage("The JPEG file is corrupt (expected a marker).")
         marker = data[match.start(1)]
         start, offset = match.start(), match.end()
         if marker in JPEG_STANDALONE:
@@ -175,8 +185,10 @@ def _is_metadata(data, marker, body):
 
 def _strip_jpeg(data):
     view = memoryview(data)
-    kept, removed, exif_seen, orientation, jfif_first = [], False, False, None, False
+    kept, removed, exif_seen, orientation, jfif_first, expected = [], False, False, None, False, 2
     for marker, start, body, end in _jpeg_segments(data):
+        removed = removed or start != expected  # stray bytes before it, which decoders skip anyway
+        expected = end
         if marker == JPEG_SOS:
             scans, cut = _scans(data, start, end)
             kept.extend(scans)

@@ -54,6 +54,55 @@ def test_corrupted_exif_never_breaks_an_upload():
         assert images.inspect(result).content_type == "image/jpeg"
 
 
+def short_segment(marker, payload, missing):
+    """A header segment whose length field declares ``missing`` bytes fewer than it holds."""
+    return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2 - missing) + payload
+
+
+# Equivalents of real files that libjpeg, Pillow and browsers decode with a warning ("extraneous
+# bytes before marker"), built after Pillow's Tests/images: each has stray bytes between segments.
+PHOTOSHOP_IRB = b"Photoshop 3.0\x008BIM\x04\x04\x00\x00\x00\x00\x00\x0c\x1c\x02\x5a\x00\x06Berlin" + bytes(16)
+ADOBE = b"Adobe\x00\x64\x00\x00\x00\x00\x01"
+STRAY_BYTES = {
+    "junk after a comment": (
+        [jpeg_segment(0xFE, b"a comment"), b"hello"],
+        [],
+    ),
+    "Photoshop APP13 declaring 16 bytes too few": (
+        [exif_segment(exif_tiff()), short_segment(0xED, PHOTOSHOP_IRB, 16)],
+        [exif_segment(MINIMAL_EXIF["<"])],
+    ),
+    "Adobe APP14 declaring 1 byte too few": (
+        [short_segment(0xEE, ADOBE, 1)],
+        [jpeg_segment(0xEE, ADOBE[:-1])],
+    ),
+}
+
+
+@pytest.mark.parametrize("segments, kept", STRAY_BYTES.values(), ids=STRAY_BYTES.keys())
+def test_stray_bytes_between_segments_are_skipped_as_libjpeg_does(segments, kept):
+    sent = make_jpeg(64, 32, segments=segments)
+    assert pixels(sent)[0] == (64, 32)  # libjpeg decodes it
+    assert images.inspect(sent) == images.ImageInfo("image/jpeg", 64, 32)
+    result = stripped(sent)
+    assert result == make_jpeg(64, 32, segments=kept)  # and what is stored has no stray bytes
+    assert pixels(result) == pixels(sent)
+
+
+HEAD, REST = make_jpeg()[:20], make_jpeg()[20:]  # SOI and APP0; the other segments and the image data
+REFUSED = {
+    "no marker after the stray bytes": HEAD + b"no marker follows",  # libjpeg fails too
+    "only stuffed bytes after them": HEAD + b"\xff\x00" * 8,  # and here
+    "more stray bytes than the bound": HEAD + b"x" * (images.MAX_JPEG_JUNK_BYTES + 1) + REST,  # our bound
+}
+
+
+@pytest.mark.parametrize("data", REFUSED.values(), ids=REFUSED.keys())
+def test_stray_bytes_are_skipped_only_up_to_a_marker_within_a_bound(data):
+    with pytest.raises(images.InvalidImage, match="expected a marker"):
+        images.inspect(data)
+
+
 def test_stripping_keeps_every_pixel():
     sent = make_jpeg(48, 40, segments=[exif_segment(exif_tiff()), jpeg_segment(0xFE, b"GPS 52.52N")])
     assert pixels(stripped(sent)) == pixels(sent)
