@@ -4,6 +4,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -21,6 +22,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 import analysis
 import images
+import metrics
 import receiving
 import storage
 
@@ -35,6 +37,17 @@ DEFAULTS = {
     "IDEMPOTENCY_TTL_HOURS": "24",
     "RETENTION_DAYS": "",
     "STORAGE_URL": "",
+    "METRICS_TOKEN": "",
+    "RATE_LIMIT_UPLOAD": "",
+    "RATE_LIMIT_ANALYZE": "",
+    "RATE_LIMIT_AUTH_FAILURES": "",
+    "RATE_LIMIT_STORAGE_URL": "",
+}
+# Each rate limit: the policy name clients see in RateLimit fields, and its setting.
+RATE_LIMITS = {
+    "upload": "RATE_LIMIT_UPLOAD",
+    "analyze": "RATE_LIMIT_ANALYZE",
+    "auth-failures": "RATE_LIMIT_AUTH_FAILURES",
 }
 # Where the AWS SDK finds a bucket's endpoint, credentials and region; S3-compatible providers
 # document the same names.
@@ -56,6 +69,7 @@ ANALYZE_BODY_BYTES = 16 * 1024
 # core (one runs while the other waits on an fsync); more only share the GIL.
 ACTIVE_REQUESTS = 2
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:+/=-]{1,128}")
+BEARER_TOKEN = re.compile(r"[A-Za-z0-9._~+/-]{16,256}=*")  # RFC 6750's b64token
 # S3 bucket names: 3 to 63 lowercase letters, digits, dots and hyphens.
 STORAGE_URL = re.compile(r"s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(?P<prefix>[!-~]*))?")
 # An Idempotency-Key once its quotes are off: printable ASCII but for quotes and backslashes.
@@ -105,6 +119,101 @@ class ApiError(HTTPException):
         self.extra_headers = headers or {}
 
 
+class RateLimits:
+    """The rate limits that are set: Flask-Limiter on their routes, and its counters below them.
+
+    Uploads and analyses count per API key (digested) and client address, so one phone of an
+    app is limited rather than every phone sharing the app's key; auth failures count per
+    address. Counters live in RATE_LIMIT_STORAGE_URL's Redis, shared by every worker and
+    instance, or else in each worker's memory. When Redis cannot be reached, limits fall back to
+    each worker's memory and come back to Redis once it answers again: the service keeps
+    answering, with looser limits meanwhile (it fails open, to per-worker limits).
+    """
+
+    def __init__(self, app, policies, storage_url):
+        from flask_limiter import Limiter
+        from limits import parse
+
+        options = {}
+        if storage_url.startswith("redis"):
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+
+            # redis-py would retry a failed call for seconds: fail fast, and let the limiter fall back.
+            options = {"socket_timeout": 0.25, "socket_connect_timeout": 0.25, "retry": Retry(NoBackoff(), 1)}
+        self.policies = policies
+        self.items = {name: parse(value) for name, value in policies.items()}
+        # A moving window holds exactly: never more than N in any window, also across a minute's turn.
+        self.limiter = Limiter(
+            key_func=lambda: request.remote_addr or "",
+            app=app,
+            storage_uri=storage_url,
+            storage_options=options,
+            strategy="moving-window",
+            in_memory_fallback_enabled=True,
+            swallow_errors=True,
+        )
+        self.storage = "redis" if storage_url.startswith("redis") else "per-worker memory"
+        for name in ("upload", "analyze"):
+            if name in self.items:
+                # One limit shared by the route under every prefix, on the view both endpoints call.
+                limit = self.limiter.shared_limit(
+                    policies[name], scope=name, key_func=lambda name=name: self.key(name, request.environ)
+                )
+                limited = limit(app.view_functions[f"{PREFIXES[0][0]}.{name}"])
+                for blueprint, _ in PREFIXES:
+                    app.view_functions[f"{blueprint}.{name}"] = limited
+
+    def describe(self):
+        policies = " ".join(f"{name}={value}" for name, value in self.policies.items())
+        return f"{policies} in {self.storage}"
+
+    @staticmethod
+    def key(name, environ):
+        """Whose requests a limit counts together."""
+        address = environ.get("REMOTE_ADDR") or ""
+        if name == "auth-failures":
+            return address
+        digest = hashlib.sha256(environ.get("HTTP_X_API_KEY", "").encode("latin-1")).hexdigest()[:16]
+        return f"{digest}:{address}"
+
+    def allows(self, name, environ):
+        """Whether one more request fits in the limit, without counting it."""
+        return self._ask("test", name, environ)
+
+    def hit(self, name, environ):
+        """Count a request; False when it is over the limit."""
+        return self._ask("hit", name, environ)
+
+    def _ask(self, method, name, environ):
+        try:
+            # The same counters as Flask-Limiter's: a shared limit's are named by key and scope.
+            return getattr(self.limiter.limiter, method)(self.items[name], self.key(name, environ), name)
+        except Exception:  # the storage is unreachable: let it through, as Flask-Limiter does
+            log.warning("rate limit storage unreachable", exc_info=True)
+            return True
+
+    def refusal(self, name, environ):
+        """The 429 for a request over a limit, with Retry-After and draft-ietf-httpapi-ratelimit-headers-10's fields."""
+        item = self.items[name]
+        try:
+            stats = self.limiter.limiter.get_window_stats(item, self.key(name, environ), name)
+            reset, remaining = max(1, math.ceil(stats.reset_time - time.time())), stats.remaining
+        except Exception:  # the storage went away meanwhile: the whole window is a safe answer
+            reset, remaining = item.get_expiry(), 0
+        current_app.extensions["metrics"].rate_limited(name)
+        return ApiError(
+            429,
+            "rate_limited",
+            f"Too many requests: at most {self.policies[name]} ({name}). Retry after {reset} s.",
+            {
+                "Retry-After": str(reset),
+                "RateLimit-Policy": f'"{name}";q={item.amount};w={item.get_expiry()}',
+                "RateLimit": f'"{name}";r={remaining};t={reset}',
+            },
+        )
+
+
 # Failures below HTTP, mapped to it in this one place (the most specific class wins).
 DOMAIN_ERRORS = {
     images.UnsupportedType: (400, "unsupported_type"),
@@ -121,6 +230,15 @@ DOMAIN_ERRORS = {
     storage.StorageFull: (507, "storage_unavailable"),
     storage.StorageUnavailable: (503, "storage_unavailable"),
 }
+
+
+# Every code an error is answered with (the README's table); a refusal's metric label is one of them.
+ERROR_CODES = frozenset(
+    {code for _, code in DOMAIN_ERRORS.values()}
+    | {"bad_request", "unauthorized", "not_found", "method_not_allowed", "internal_error", "rate_limited"}
+    | {"missing_file", "empty_file", "file_too_large", "request_too_large", "length_required"}
+    | {"invalid_request", "invalid_image_id", "invalid_idempotency_key"}
+)
 
 
 def create_app(env=None):
@@ -153,6 +271,12 @@ def create_app(env=None):
     for name, prefix in PREFIXES:
         app.register_blueprint(api, url_prefix=prefix, name=name)
     app.register_blueprint(docs)
+    routes = {_route(rule.rule) for rule in app.url_map.iter_rules()}
+    app.extensions["metrics"] = (
+        metrics.Metrics(routes, ERROR_CODES, images.CONTENT_TYPES)
+        if config["METRICS_TOKEN"]
+        else metrics.NoMetrics()
+    )
     app.cli.add_command(purge_command)
     app.before_request(_before_request)
     app.after_request(_after_request)
@@ -161,20 +285,38 @@ def create_app(env=None):
     app.register_error_handler(receiving.ReceiveError, _domain_error)
     app.register_error_handler(storage.StorageError, _domain_error)
     app.register_error_handler(Exception, _unexpected_error)
+    if config["RATE_LIMITS"]:
+        from flask_limiter import RateLimitExceeded
 
-    keys = app.config["API_KEYS"]
+        app.register_error_handler(RateLimitExceeded, _rate_limited)
+    limits = (
+        RateLimits(app, config["RATE_LIMITS"], config["RATE_LIMIT_STORAGE_URL"])
+        if config["RATE_LIMITS"]
+        else None
+    )
+    app.extensions["rate_limits"] = limits
+
+    keys, upload_paths = app.config["API_KEYS"], _paths_of(app, "upload")
+
+    def may_receive(environ):
+        """A valid key, and no upload over its limit: what is refused is never read."""
+        if not _key_is_valid(environ, keys):
+            return False
+        return limits is None or environ["PATH_INFO"] not in upload_paths or limits.allows("upload", environ)
+
     admission = receiving.Admission(
         StoredAnalysisShortcut(app),
-        upload_paths=_paths_of(app, "upload"),
+        upload_paths=upload_paths,
         analyze_paths=_paths_of(app, "analyze"),
-        unqueued_paths=_paths_of(app, "health"),
-        may_receive=lambda environ: _key_is_valid(environ, keys),
+        unqueued_paths=_paths_of(app, "health") | {"/metrics"},
+        may_receive=may_receive,
         upload_limit=app.config["MAX_CONTENT_LENGTH"],
         file_limit=config["MAX_UPLOAD_BYTES"],
         analyze_limit=ANALYZE_BODY_BYTES,
         client_timeout=config["CLIENT_TIMEOUT"],
         spool=registry.spool,
         slots=ACTIVE_REQUESTS,
+        metrics=app.extensions["metrics"],
     )
     app.extensions["gate"] = admission.gate
     app.wsgi_app = admission
@@ -187,8 +329,15 @@ def create_app(env=None):
         registry=registry.describe(),
         max_upload_bytes=config["MAX_UPLOAD_BYTES"],
         api_keys=len(keys),
+        rate_limits=limits.describe() if limits else "off",
+        metrics="on" if config["METRICS_TOKEN"] else "off",
     )
     return app
+
+
+def _route(rule):
+    """A route's template, the same under every prefix: a metric's label, never the raw path."""
+    return rule.removeprefix(PREFIXES[1][1])
 
 
 def _paths_of(app, view_name):
@@ -196,6 +345,27 @@ def _paths_of(app, view_name):
     return frozenset(
         rule.rule for rule in app.url_map.iter_rules() if rule.endpoint.rpartition(".")[2] == view_name
     )
+
+
+def _parse_rate_limits(settings):
+    """The rate limits that are set, checked with the limits package (imported only then)."""
+    policies = {
+        name: settings[setting].strip() for name, setting in RATE_LIMITS.items() if settings[setting].strip()
+    }
+    storage_url = settings["RATE_LIMIT_STORAGE_URL"].strip() or "memory://"
+    if not storage_url.startswith(("memory://", "redis://", "rediss://", "redis+unix://")):
+        raise ConfigError(f"RATE_LIMIT_STORAGE_URL must be a redis:// or rediss:// URL, got {storage_url!r}.")
+    if policies:
+        import limits
+
+        for name, value in policies.items():
+            try:
+                limits.parse(value)
+            except ValueError:
+                raise ConfigError(
+                    f"{RATE_LIMITS[name]} must look like 30/minute or 100 per hour, got {value!r}."
+                ) from None
+    return {"RATE_LIMITS": policies, "RATE_LIMIT_STORAGE_URL": storage_url}
 
 
 def _make_registry(config, settings):
@@ -260,6 +430,11 @@ def _parse_config(settings):
         raise ConfigError(f"LOG_FORMAT must be text or json, got {log_format!r}.")
     config["LOG_FORMAT"] = log_format
     config["CORS_ORIGINS"] = frozenset(o.strip() for o in settings["CORS_ORIGINS"].split(",") if o.strip())
+    token = settings["METRICS_TOKEN"].strip()
+    if token and not BEARER_TOKEN.fullmatch(token):
+        raise ConfigError("METRICS_TOKEN must be 16 to 256 letters, digits or -._~+/ characters.")
+    config["METRICS_TOKEN"] = token.encode() or None
+    config.update(_parse_rate_limits(settings))
     url = settings["STORAGE_URL"].strip()
     if url:
         match = STORAGE_URL.fullmatch(url)
@@ -367,7 +542,15 @@ def _before_request():
     ):
         return _preflight()
     view = current_app.view_functions.get(request.endpoint)
-    if not getattr(view, "public", False) and not _key_is_valid(environ, current_app.config["API_KEYS"]):
+    if getattr(view, "public", False):
+        return None
+    limits = current_app.extensions["rate_limits"]
+    # Once an address has failed too often, no key of its is even checked: guessing stops.
+    if limits and "auth-failures" in limits.items and not limits.allows("auth-failures", environ):
+        raise limits.refusal("auth-failures", environ)
+    if not _key_is_valid(environ, current_app.config["API_KEYS"]):
+        if limits and "auth-failures" in limits.items:
+            limits.hit("auth-failures", environ)
         raise ApiError(
             401,
             "unauthorized",
@@ -425,6 +608,16 @@ def _after_request(response):
     if current_app.config["CORS_ORIGINS"]:
         _add_cors_headers(response)
     fields = g.get("log_fields", {})
+    counts = current_app.extensions["metrics"]
+    rule = request.url_rule
+    counts.request(
+        _route(rule.rule) if rule else None,
+        request.method,
+        response.status_code,
+        time.perf_counter() - g.started,
+    )
+    if "code" in fields:
+        counts.refusal(fields["code"])
     _log_request(
         request.method,
         request.path,
@@ -485,7 +678,17 @@ def _domain_error(error):
     status, code = next(DOMAIN_ERRORS[cls] for cls in type(error).__mro__ if cls in DOMAIN_ERRORS)
     if status >= 500:
         log.error("storage failure", exc_info=error, extra={"fields": {"request_id": g.get("request_id")}})
+        current_app.extensions["metrics"].storage_failure()
+    elif isinstance(error, receiving.RequestTimeout):
+        current_app.extensions["metrics"].cut_off()
     return _problem_response(ApiError(status, code, str(error)))
+
+
+def _rate_limited(error):
+    """Answer what Flask-Limiter refused on a route, as every refusal: problem details."""
+    return _problem_response(
+        current_app.extensions["rate_limits"].refusal(error.limit.scope, request.environ)
+    )
 
 
 def _unexpected_error(error):
@@ -524,6 +727,11 @@ def upload():
         "height": stored.height,
         **({"replayed": True} if replayed else {}),
     }
+    counts = current_app.extensions["metrics"]
+    if replayed:
+        counts.replay()
+    else:
+        counts.upload(stored.content_type, stored.size_bytes)
     headers = {"Location": url_for(".image", image_id=stored.image_id)}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
@@ -561,6 +769,7 @@ def analyze():
         record, created = _registry().analysis(image_id, _analysis_record)
         result = "new" if created else "stored"
     g.log_fields = {"image_id": image_id, "analysis": result}
+    current_app.extensions["metrics"].analysis(result)
     return Response(record, mimetype="application/json")
 
 
@@ -568,6 +777,24 @@ def analyze():
 @public
 def openapi_document():
     return send_from_directory(OPENAPI_FILE.parent, OPENAPI_FILE.name, mimetype="application/json")
+
+
+@docs.get("/metrics")
+@public
+def metrics_page():
+    """Prometheus' scrape, with the bearer token of METRICS_TOKEN; a 404 when metrics are off."""
+    token = current_app.config["METRICS_TOKEN"]
+    if token is None:
+        raise ApiError(404, "not_found", "Metrics are off: set METRICS_TOKEN to serve them.")
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode("latin-1"), token):
+        raise ApiError(
+            401,
+            "unauthorized",
+            "Metrics need the METRICS_TOKEN as a bearer token.",
+            {"WWW-Authenticate": "Bearer"},
+        )
+    return Response(current_app.extensions["metrics"].scrape(), content_type=metrics.CONTENT_TYPE)
 
 
 @docs.get("/docs")
@@ -598,12 +825,19 @@ def purge_command(older_than, dry_run):
             "RETENTION_DAYS is not set (images are kept for ever): pass --older-than DAYS."
         )
     verb = "would delete" if dry_run else "deleted"
+    purged = _registry().purge(time.time() - days * 86400, dry_run)
     count = 0
-    for image_id, uploaded_at in _registry().purge(time.time() - days * 86400, dry_run):
-        click.echo(f"{verb} {image_id} uploaded {_rfc3339(uploaded_at)}")
-        count += 1
+    if dry_run or not sys.stdout.isatty():  # a list to read, or a log to keep: one line per image
+        for image_id, uploaded_at in purged:
+            click.echo(f"{verb} {image_id} uploaded {_rfc3339(uploaded_at)}")
+            count += 1
+    else:  # an operator watching: a count that moves, not 100,000 lines
+        with click.progressbar(purged, label="Purging", show_pos=True) as progress:
+            for _ in progress:
+                count += 1
     if count:
-        click.echo(f"{count} image{'s' * (count != 1)} {verb}: uploaded more than {days} days ago.")
+        done = "would be deleted" if dry_run else "deleted"
+        click.echo(f"{count} image{'s' * (count != 1)} {done}: uploaded more than {days} days ago.")
     else:
         click.echo(f"Nothing to delete: no image was uploaded more than {days} days ago.")
 
@@ -743,8 +977,9 @@ class StoredAnalysisShortcut:
     analyze costs: a bare Flask route reaches about 0.57 of a plain WSGI app here (bench/).
     Only the everyday request is answered here: an analyze body that Admission received (so
     with a valid key) for a route of the analyze view, without a query string, with CORS off,
-    naming an image analyzed before. Everything else, every error included, goes on to Flask,
-    which owns the rules; both give the same answer (test_app.py checks).
+    naming an image analyzed before, within its rate limit. Everything else, every error and
+    refusal included, goes on to Flask, which owns the rules; both give the same answer, count
+    it the same and write the same log line (test_app.py checks).
     """
 
     def __init__(self, app):
@@ -752,6 +987,9 @@ class StoredAnalysisShortcut:
         self.paths = _paths_of(app, "analyze")
         self.enabled = not app.config["CORS_ORIGINS"]
         self.registry = app.extensions["registry"]
+        self.metrics = app.extensions["metrics"]
+        limits = app.extensions["rate_limits"]
+        self.limits = limits if limits and "analyze" in limits.items else None
 
     def __call__(self, environ, start_response):
         received = environ.get(receiving.RECEIVED)
@@ -773,8 +1011,8 @@ class StoredAnalysisShortcut:
             # Flask reports it, without asking a failing registry a second time.
             environ[LOOKUP_FAILED] = error
             return self.flask(environ, start_response)
-        if record is None:
-            return self.flask(environ, start_response)
+        if record is None or self.limits is not None and not self.limits.hit("analyze", environ):
+            return self.flask(environ, start_response)  # which refuses one over the limit
         request_id = _request_id(environ)
         headers = [
             ("Content-Type", "application/json"),
@@ -782,15 +1020,11 @@ class StoredAnalysisShortcut:
             ("X-Request-ID", request_id),
         ]
         start_response("200 OK", headers)
+        started = environ[receiving.STARTED]
+        self.metrics.request("/analyze", "POST", 200, time.perf_counter() - started)
+        self.metrics.analysis("stored")
         fields = {"image_id": image_id, "analysis": "stored"}
         _log_request(
-            "POST",
-            environ["PATH_INFO"],
-            200,
-            environ[receiving.STARTED],
-            request_id,
-            environ.get("REMOTE_ADDR"),
-            fields,
+            "POST", environ["PATH_INFO"], 200, started, request_id, environ.get("REMOTE_ADDR"), fields
         )
         return [record]
-

@@ -2,6 +2,8 @@
 
 import ctypes
 import os
+import shutil
+import tempfile
 
 from dotenv import load_dotenv
 
@@ -57,3 +59,22 @@ keepalive = 75
 accesslog = None
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+
+# Metrics (METRICS_TOKEN): each worker writes its counts to files in one folder, made fresh at
+# every start so counts start from zero, which any worker's scrape adds up. Set before the app is
+# loaded: prometheus_client chooses how to keep counts when it is imported. A worker that dies
+# keeps its counts in the sum; only its gauges of what is happening now are dropped.
+if os.environ.get("METRICS_TOKEN"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="skin-metrics-")
+
+
+def child_exit(server, worker):
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

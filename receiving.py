@@ -125,6 +125,7 @@ class Admission:
     (a valid key) are received, and only with a Content-Length within their limit (a chunked
     body is read up to one byte over it); the routes refuse the rest unread. ``unqueued_paths``
     (the health check) skip the queue: the platform must not see a busy worker as a dead one.
+    ``metrics`` counts the waits (metrics.Metrics or metrics.NoMetrics).
     """
 
     def __init__(
@@ -141,6 +142,7 @@ class Admission:
         client_timeout,
         spool,
         slots,
+        metrics,
     ):
         self.app = app
         self.upload_paths = upload_paths
@@ -153,6 +155,7 @@ class Admission:
         self.client_timeout = client_timeout
         self.spool = spool
         self.gate = FairGate(slots)
+        self.metrics = metrics
         self._windows = _BufferPool(WINDOW_BYTES)
 
     def __call__(self, environ, start_response):
@@ -180,7 +183,11 @@ class Admission:
         try:
             if path in self.unqueued_paths:
                 return self.app(environ, start_response)
+            queued = time.perf_counter()
+            self.metrics.waiting(1)
             with self.gate:
+                self.metrics.waiting(-1)
+                self.metrics.queued(time.perf_counter() - queued)
                 return self.app(environ, start_response)
         finally:
             received = environ.get(RECEIVED)

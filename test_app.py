@@ -1135,3 +1135,214 @@ def test_docs_render_and_try_it_out_in_a_real_browser(server):
             assert status.inner_text().strip() == "200"
         finally:
             browser.close()
+
+
+# --- metrics ---------------------------------------------------------------------------
+
+TOKEN = "metrics-token-0123456789abcdef"
+
+
+def scrape(client, token=TOKEN):
+    return client.get("/metrics", headers={"Authorization": f"Bearer {token}"})
+
+
+def samples(response):
+    """The scrape's samples as {(name, frozenset(labels)): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert response.status_code == 200, response.data
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(response.get_data(as_text=True))
+        for sample in family.samples
+    }
+
+
+def test_metrics_are_not_served_when_off(client):
+    assert_problem(client.get("/metrics"), 404, "not_found")
+    assert_problem(scrape(client), 404, "not_found")
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong-token-0123456789", f"Basic {TOKEN}", TOKEN])
+def test_metrics_need_the_bearer_token(make_app, authorization):
+    client = make_app(METRICS_TOKEN=TOKEN).test_client()
+    response = client.get("/metrics", headers={"Authorization": authorization} if authorization else {})
+    assert_problem(response, 401, "unauthorized")
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_metrics_count_what_the_service_did(make_app):
+    client = make_app(METRICS_TOKEN=TOKEN).test_client()
+    image_ids = [upload(client, unique_jpeg(10_000)).get_json()["image_id"] for _ in range(3)]
+    upload_once(client, unique_jpeg(1_000), "k")
+    upload_once(client, make_png(), "k")  # the same key, other bytes: 422
+    assert analyze(client, image_ids[0]).status_code == analyze(client, image_ids[0]).status_code == 200
+    analyze(client, "mock_oily")
+    analyze(client, "../etc/passwd")
+    client.get("/nope", headers={"X-API-Key": "wrong"})
+    found = samples(scrape(client))
+
+    def value(name, **labels):
+        return found.get((name, frozenset(labels.items())), 0)
+
+    assert value("skin_http_requests_total", route="/upload", method="POST", status="201") == 4
+    assert value("skin_http_requests_total", route="/upload", method="POST", status="422") == 1
+    assert value("skin_http_requests_total", route="/analyze", method="POST", status="200") == 3
+    assert value("skin_http_requests_total", route="unmatched", method="GET", status="401") == 1
+    assert value("skin_http_request_duration_seconds_count", route="/analyze") == 4
+    assert value("skin_images_stored_total", type="image/jpeg") == 4
+    assert value("skin_upload_bytes_total", type="image/jpeg") == 3 * 10_000 + 1_000
+    assert [value("skin_analyses_total", result=result) for result in ("new", "stored", "fixture")] == [
+        1,
+        1,
+        1,
+    ]
+    assert value("skin_refusals_total", code="idempotency_key_reused") == 1
+    assert value("skin_refusals_total", code="invalid_image_id") == 1
+    assert value("skin_refusals_total", code="unauthorized") == 1
+    assert value("skin_admission_wait_seconds_count") >= 9 and value("skin_admission_waiting") == 0
+
+
+def test_no_label_takes_a_value_from_the_request(make_app):
+    client = make_app(METRICS_TOKEN=TOKEN).test_client()
+    client.open("/nope-" + "x" * 50, method="BREW", headers={"X-API-Key": KEY})
+    client.get(f"/images/{uuid.uuid4()}", headers={"X-API-Key": KEY})
+    client.post("/upload", headers={"X-API-Key": KEY, "Content-Type": "text/x-evil"}, data=b"x")
+    text = scrape(client).get_data(as_text=True)
+    assert "nope" not in text and "BREW" not in text and "evil" not in text
+    found = samples(scrape(client))
+    assert (
+        "skin_http_requests_total",
+        frozenset({"route": "unmatched", "method": "other", "status": "405"}.items()),
+    ) in found or (
+        "skin_http_requests_total",
+        frozenset({"route": "unmatched", "method": "other", "status": "404"}.items()),
+    ) in found
+    assert (
+        "skin_http_requests_total",
+        frozenset({"route": "/images/<image_id>", "method": "GET", "status": "404"}.items()),
+    ) in found
+
+
+def test_metrics_do_not_queue_behind_busy_requests(make_app):
+    app = make_app(METRICS_TOKEN=TOKEN)
+    gate = app.extensions["gate"]
+    with gate, gate:  # every slot taken
+        with ThreadPoolExecutor(1) as pool:
+            assert pool.submit(scrape, app.test_client()).result(timeout=5).status_code == 200
+
+
+# --- rate limits ----------------------------------------------------------------------------
+
+
+def limited(client, response, name, quota):
+    """A 429 as the IETF draft's RateLimit fields describe it."""
+    body = assert_problem(response, 429, "rate_limited")
+    assert name in body["detail"]
+    reset = int(response.headers["Retry-After"])
+    assert 0 < reset <= 60
+    assert response.headers["RateLimit-Policy"] == f'"{name}";q={quota};w=60'
+    assert response.headers["RateLimit"] == f'"{name}";r=0;t={reset}'
+
+
+def test_uploads_over_their_limit_are_refused_unread(make_app, store, monkeypatch):
+    client = make_app(RATE_LIMIT_UPLOAD="3/minute").test_client()
+    assert [
+        upload(client, unique_jpeg(2_000), path=path).status_code
+        for path in ("/upload", "/api/v1/upload", "/upload")
+    ] == [201] * 3
+
+    class Unreadable(io.BytesIO):
+        def read(self, *args):
+            raise AssertionError("a refused upload must not be read")
+
+        readinto = readline = read
+
+    environ = EnvironBuilder(
+        path="/upload",
+        method="POST",
+        headers={"X-API-Key": KEY, "Content-Type": "multipart/form-data; boundary=x"},
+        input_stream=Unreadable(),
+    ).get_environ()
+    environ.update(CONTENT_LENGTH="100000", REMOTE_ADDR="127.0.0.1")  # as the test client's
+    chunks, status, headers = run_wsgi_app(client.application, environ, buffered=True)
+    assert status.startswith("429")
+    limited(client, client.post("/upload", headers={"X-API-Key": KEY}), "upload", 3)
+    assert len(store.image_names()) == 3
+    # Another phone, and another app's key, have budgets of their own.
+    other_phone = {"REMOTE_ADDR": "203.0.113.7"}
+    assert (
+        client.post(
+            "/upload",
+            headers={"X-API-Key": KEY},
+            environ_base=other_phone,
+            data={"file": (io.BytesIO(make_jpeg()), "a.jpg")},
+        ).status_code
+        == 201
+    )
+
+
+def test_another_key_has_its_own_upload_budget(make_app):
+    client = make_app(RATE_LIMIT_UPLOAD="1/minute", API_KEY=f"{KEY},{OTHER_KEY}").test_client()
+    assert upload(client, make_jpeg(), key=KEY).status_code == 201
+    assert upload(client, make_jpeg(), key=KEY).status_code == 429
+    assert upload(client, make_jpeg(), key=OTHER_KEY).status_code == 201
+
+
+def test_analyses_over_their_limit_are_refused_also_when_stored(make_app):
+    client = make_app(RATE_LIMIT_ANALYZE="3/minute").test_client()
+    image_id = upload(client, make_jpeg()).get_json()["image_id"]
+    assert [analyze(client, image_id).status_code for _ in range(3)] == [200] * 3  # the last two stored
+    limited(client, analyze(client, image_id), "analyze", 3)
+    limited(client, analyze(client, "mock_dry", path="/api/v1/analyze"), "analyze", 3)
+
+
+def test_an_auth_failure_limit_stops_a_key_guessing_loop(make_app):
+    client = make_app(RATE_LIMIT_AUTH_FAILURES="5/minute").test_client()
+    guesses = [analyze(client, "mock_oily", key=f"guess-{n}").status_code for n in range(8)]
+    assert guesses == [401] * 5 + [429] * 3
+    limited(
+        client, analyze(client, "mock_oily", key=KEY), "auth-failures", 5
+    )  # not even the right key is tried
+    limited(client, client.get("/nope", headers={"X-API-Key": "guess"}), "auth-failures", 5)
+    elsewhere = {"REMOTE_ADDR": "203.0.113.8"}
+    assert (
+        client.post(
+            "/analyze", headers={"X-API-Key": KEY}, json={"image_id": "mock_oily"}, environ_base=elsewhere
+        ).status_code
+        == 200
+    )
+
+
+def test_health_docs_and_the_document_are_never_limited(make_app):
+    client = make_app(
+        RATE_LIMIT_AUTH_FAILURES="1/minute", RATE_LIMIT_UPLOAD="1/minute", RATE_LIMIT_ANALYZE="1/minute"
+    ).test_client()
+    for n in range(3):
+        analyze(client, "mock_oily", key=f"guess-{n}")
+    for path in ("/health", "/api/v1/health", "/docs", "/openapi.json", "/docs/swagger-ui.css"):
+        assert [client.get(path).status_code for _ in range(3)] == [200] * 3, path
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"RATE_LIMIT_UPLOAD": "lots"}, "RATE_LIMIT_UPLOAD"),
+        ({"RATE_LIMIT_ANALYZE": "5/fortnight"}, "RATE_LIMIT_ANALYZE"),
+        ({"RATE_LIMIT_AUTH_FAILURES": "-1/minute"}, "RATE_LIMIT_AUTH_FAILURES"),
+        ({"RATE_LIMIT_STORAGE_URL": "memcached://localhost"}, "RATE_LIMIT_STORAGE_URL"),
+        ({"METRICS_TOKEN": "short"}, "METRICS_TOKEN"),
+        ({"METRICS_TOKEN": "has spaces in the token 0123456"}, "METRICS_TOKEN"),
+    ],
+)
+def test_bad_operator_settings_stop_the_start(uploads, env, message):
+    with pytest.raises(SystemExit) as stopped:
+        create_app({"UPLOAD_DIR": str(uploads), "API_KEY": KEY, **env})
+    assert str(stopped.value).startswith("Configuration error: " + message)
+
+
+def test_the_start_up_line_says_registry_limits_and_metrics(make_app, capsys):
+    make_app(RATE_LIMIT_UPLOAD="30/minute", RATE_LIMIT_AUTH_FAILURES="10/minute", METRICS_TOKEN=TOKEN)
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if "service ready" in line]
+    assert "registry=" in line and "metrics=on" in line
+    assert 'rate_limits="upload=30/minute auth-failures=10/minute in per-worker memory"' in line

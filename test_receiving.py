@@ -7,6 +7,7 @@ import random
 import pytest
 from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
 
+import metrics
 import receiving
 import storage
 from conftest import make_png
@@ -55,6 +56,7 @@ def receive(body, boundary, step=None, tmp_path=None, **limits):
         client_timeout=5,
         spool=lambda: storage.Spool(tmp_path or "/tmp", named=False),
         slots=1,
+        metrics=metrics.NoMetrics(),
     )
     environ = {
         "REQUEST_METHOD": "POST",

@@ -790,3 +790,138 @@ def test_a_bucket_that_goes_away_gives_prompt_503s_and_then_recovers(own_s3, fai
         f"health 503 in {health_seconds:.2f} s, upload 503 in {upload_seconds:.2f} s,"
         f" new analysis 503 in {analyze_seconds:.2f} s",
     )
+
+
+# --- metrics and rate limits over several workers -----------------------------------------------
+
+TOKEN = "metrics-token-0123456789abcdef"
+
+
+def metric(server, name, **labels):
+    """One sample of a scrape, 0 when absent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = requests.get(server.url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+    assert response.status_code == 200, response.text
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0
+
+
+def analyze_on_a_new_connection(server, key=KEY, image_id="mock_oily"):
+    """A new connection each time, so the workers take turns as they accept them."""
+    return requests.post(
+        server.url + "/analyze",
+        headers={"X-API-Key": key, "Connection": "close"},
+        json={"image_id": image_id},
+        timeout=10,
+    )
+
+
+@pytest.mark.slow
+def test_the_scrape_adds_up_every_workers_counts_and_keeps_a_killed_ones(uploads, record):
+    env = {"API_KEY": KEY, "METRICS_TOKEN": TOKEN, "WEB_CONCURRENCY": "3"}
+    analyzed = {"name": "skin_http_requests_total", "route": "/analyze", "method": "POST", "status": "200"}
+    with Server(FolderStore(uploads), env) as running:
+        assert {analyze_on_a_new_connection(running).status_code for _ in range(60)} == {200}
+        served_by = {metric(running, "skin_analyses_total", result="fixture") for _ in range(6)}
+        assert served_by == {60}  # every worker's scrape sees every worker's counts
+        victim = worker_pids(running)[0]
+        os.kill(victim, signal.SIGKILL)
+        assert wait_healthy(running)
+        while len(worker_pids(running)) < 3 or victim in worker_pids(running):
+            time.sleep(0.05)
+        assert metric(running, **analyzed) == 60  # the killed worker's share included
+        for _ in range(15):
+            analyze_on_a_new_connection(running)
+        assert metric(running, **analyzed) == 75
+        assert metric(running, "skin_admission_waiting") == 0
+    with Server(FolderStore(uploads), env) as restarted:
+        assert metric(restarted, **analyzed) == 0  # a new start counts from zero
+    record("metrics over 3 workers", "60 analyses counted once each; a SIGKILLed worker's share kept")
+
+
+@pytest.mark.slow
+def test_limits_hold_exactly_across_workers_and_instances_with_redis(tmp_path, redis_server):
+    env = {
+        "API_KEY": KEY,
+        "RATE_LIMIT_STORAGE_URL": redis_server.url,
+        "RATE_LIMIT_ANALYZE": "10/minute",
+        "RATE_LIMIT_AUTH_FAILURES": "6/minute",
+    }
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with (
+        Server(FolderStore(tmp_path / "a"), env) as first,
+        Server(FolderStore(tmp_path / "b"), env) as second,
+    ):
+        statuses = [analyze_on_a_new_connection((first, second)[n % 2]).status_code for n in range(16)]
+        assert Counter(statuses) == {200: 10, 429: 6} and statuses[:10] == [200] * 10
+        guesses = [
+            analyze_on_a_new_connection((first, second)[n % 2], key=f"guess-{n}").status_code
+            for n in range(20)
+        ]
+        assert Counter(guesses) == {401: 6, 429: 14} and guesses[:6] == [401] * 6
+
+
+@pytest.mark.slow
+def test_without_redis_each_worker_counts_on_its_own(uploads):
+    """The README's promise: a limit of N with W workers and no Redis lets up to N x W through."""
+    env = {"API_KEY": KEY, "RATE_LIMIT_ANALYZE": "3/minute", "WEB_CONCURRENCY": "2"}
+    with Server(FolderStore(uploads), env) as running:
+        headers = {"X-API-Key": KEY}
+        one = requests.Session()  # a kept-alive connection stays with the worker that took it
+        first_worker = [
+            one.post(
+                running.url + "/analyze", headers=headers, json={"image_id": "mock_dry"}, timeout=10
+            ).status_code
+            for _ in range(4)
+        ]
+        assert first_worker == [200, 200, 200, 429]
+        deadline = time.monotonic() + 20
+        while True:  # new connections until one reaches the other worker, which has its own count
+            other = requests.Session()
+            if (
+                other.post(
+                    running.url + "/analyze", headers=headers, json={"image_id": "mock_dry"}, timeout=10
+                ).status_code
+                == 200
+            ):
+                break
+            other.close()
+            assert time.monotonic() < deadline, "no connection reached the second worker"
+        rest = [
+            other.post(
+                running.url + "/analyze", headers=headers, json={"image_id": "mock_dry"}, timeout=10
+            ).status_code
+            for _ in range(3)
+        ]
+        assert rest == [200, 200, 429]  # so 3 on each worker: 6 in all
+        assert {analyze_on_a_new_connection(running).status_code for _ in range(10)} == {429}
+
+
+@pytest.mark.slow
+def test_redis_going_away_leaves_the_service_answering(uploads, redis_server, record):
+    env = {"API_KEY": KEY, "RATE_LIMIT_STORAGE_URL": redis_server.url, "RATE_LIMIT_ANALYZE": "1000/minute"}
+    counters = redis_server.client()
+    with Server(FolderStore(uploads), env) as running:
+        assert analyze_on_a_new_connection(running).status_code == 200
+        counted = lambda: len(list(counters.scan_iter("*")))  # noqa: E731  (Redis keeps nothing on disk here)
+        assert counted() == 1
+        redis_server.stop()
+        slowest = 0
+        for _ in range(20):  # limits fall back to each worker's memory: nothing fails, nothing hangs
+            response, seconds = timed(lambda: analyze_on_a_new_connection(running))
+            assert response.status_code == 200
+            slowest = max(slowest, seconds)
+        assert slowest < 2
+        redis_server.start()
+        counters = redis_server.client()
+        deadline = time.monotonic() + 40
+        while counted() == 0:  # back to Redis by itself, within its backoff
+            assert time.monotonic() < deadline, "the limits never came back to Redis"
+            analyze_on_a_new_connection(running)
+            time.sleep(0.5)
+    record("Redis stopped mid-run", f"slowest analysis meanwhile {slowest:.2f} s; limits back on Redis")

@@ -423,3 +423,47 @@ def test_an_image_is_described_without_downloading_it(s3, monkeypatch):
     body = app.test_client().get(f"/images/{image_id}", headers={"X-API-Key": KEY}).get_json()
     assert (body["width"], body["height"], body["content_type"]) == (640, 480, "image/jpeg")
     assert operations == ["head_object", "head_object"]  # the image's metadata, and whether it was analyzed
+
+
+def run_purge(uploads, *args, terminal=False):
+    """Run the flask command as an operator or cron does: on a terminal, or piped."""
+    command = [sys.executable, "-m", "flask", "--app", "app", "purge", *args]
+    env = {**os.environ, "UPLOAD_DIR": str(uploads), "API_KEY": KEY, "TERM": "xterm"}
+    if not terminal:
+        return subprocess.run(command, cwd=HERE, env=env, capture_output=True, text=True, timeout=60).stdout
+    import pty
+
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(command, cwd=HERE, env=env, stdin=follower, stdout=follower, stderr=follower)
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the command is done and the terminal closed
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(leader)
+    assert process.wait(60) == 0
+    return output.decode(errors="replace")
+
+
+@pytest.mark.folder
+def test_purge_shows_a_count_on_a_terminal_and_one_line_per_image_when_piped(make_app, uploads):
+    client = make_app().test_client()
+    image_ids = [upload(client, unique_jpeg(2_000)).get_json()["image_id"] for _ in range(6)]
+    for image_id in image_ids:
+        age(uploads, image_id, 3)
+    listed = run_purge(uploads, "--older-than", "2", "--dry-run", terminal=True)  # a list to read
+    assert all(image_id in listed for image_id in image_ids) and "6 images would be deleted" in listed
+    watched = run_purge(uploads, "--older-than", "2", terminal=True)
+    assert "Purging" in watched and "6 images deleted" in watched
+    assert not any(image_id in watched for image_id in image_ids)
+    for _ in range(2):
+        image_ids.append(upload(client, unique_jpeg(2_000)).get_json()["image_id"])
+        age(uploads, image_ids[-1], 3)
+    logged = run_purge(uploads, "--older-than", "2").splitlines()  # as cron keeps it
+    assert sorted(line.split()[1] for line in logged if line.startswith("deleted ")) == sorted(image_ids[-2:])
+    assert logged[-1] == "2 images deleted: uploaded more than 2 days ago."
