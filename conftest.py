@@ -677,12 +677,19 @@ class RedisServer:
         return redis.Redis.from_url(self.url)
 
 
+def needs(program, package):
+    """Return the path of ``program``; skip without it, or fail in CI, where .ci/run installs it."""
+    path = shutil.which(program)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{program} is missing: .ci/run installs {package}")
+        pytest.skip(f"needs Debian's {package} (apt-get install {package})")
+    return path
+
+
 @pytest.fixture
 def redis_server(tmp_path):
-    if not shutil.which("redis-server"):
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is missing: .ci/run installs it")
-        pytest.skip("needs Debian's redis-server (apt-get install redis-server)")
+    needs("redis-server", "redis-server")
     server = RedisServer(tmp_path).start()
     try:
         yield server

@@ -2,6 +2,7 @@
 
 import functools
 import hashlib
+import importlib
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -22,17 +24,20 @@ import requests
 import images
 from conftest import (
     FILE_HEADERS,
+    HERE,
     KEY,
+    REAL_ID,
     BucketStore,
+    FolderStore,
     SeaweedFS,
     Server,
     analyze_over_http,
     health_status,
     image_files,
-    FolderStore,
     make_jpeg,
     make_png,
     multipart,
+    needs,
     no_temp_files,
     unique_jpeg,
     wait_healthy,
@@ -925,3 +930,151 @@ def test_redis_going_away_leaves_the_service_answering(uploads, redis_server, re
             analyze_on_a_new_connection(running)
             time.sleep(0.5)
     record("Redis stopped mid-run", f"slowest analysis meanwhile {slowest:.2f} s; limits back on Redis")
+
+
+# --- the document as its readers meet it: /docs in Chromium, a client generated from it ----------
+
+DOCUMENT = json.loads((HERE / "openapi.json").read_text())
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+# A laptop's browser window: what a client developer sees before scrolling.
+FIRST_SCREEN = {"width": 1280, "height": 720}
+HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+
+
+@pytest.fixture
+def docs(uploads):
+    """Swagger UI's /docs page, served on the uploads folder and rendered in a first-screen-sized Chromium."""
+    chromium = needs("chromium", "chromium")
+    from playwright.sync_api import sync_playwright
+
+    with Server(FolderStore(uploads), {"API_KEY": KEY}) as server, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport=FIRST_SCREEN)
+            page.goto(server.url + "/docs")
+            page.wait_for_selector(".opblock", timeout=20_000)
+            yield page, server.url
+        finally:
+            browser.close()
+
+
+@pytest.mark.slow
+def test_docs_show_the_first_operation_on_the_first_screen(docs):
+    page, _ = docs
+    top = page.locator(".opblock").first.bounding_box()["y"]
+    assert page.evaluate("window.scrollY") == 0
+    assert top < FIRST_SCREEN["height"], f"the first operation starts {top:.0f} px down the page"
+
+
+@pytest.mark.slow
+def test_docs_list_each_route_once_and_try_it_out_under_either_prefix(docs):
+    page, url = docs
+    operations = [path for path, item in DOCUMENT["paths"].items() for method in item.keys() & HTTP_METHODS]
+    listed = page.locator(".opblock-summary-path").all_inner_texts()
+    assert sorted(listed) == sorted(operations)  # each once: no /api/v1 copies
+    menu = page.locator(".servers select")
+    assert [option.get_attribute("value") for option in menu.locator("option").all()] == ["/", "/api/v1"]
+
+    health = page.locator("#operations-Health-getHealth")
+    health.locator(".opblock-summary").click()
+    health.locator("button.try-out__btn").click()
+    for prefix in ("/api/v1", ""):
+        menu.select_option(prefix or "/")
+        health.locator("button.execute").click()
+        request_url = health.locator(".request-url pre")
+        request_url.filter(has_text=f"{url}{prefix}/health").wait_for(timeout=10_000)
+        status = health.locator(".live-responses-table tbody .response-col_status").first
+        assert status.inner_text().strip() == "200"
+
+
+@pytest.fixture(scope="module")
+def generated_client(tmp_path_factory):
+    """The package ``skin_client`` that OpenAPI Generator's python target makes of openapi.json."""
+    needs("java", "default-jre-headless")
+    folder = tmp_path_factory.mktemp("client")
+    command = [
+        Path(sys.executable).with_name("openapi-generator-cli"),
+        "generate",
+        "--input-spec",
+        HERE / "openapi.json",
+        "--generator-name",
+        "python",
+        "--output",
+        folder,
+        "--package-name",
+        "skin_client",
+        "--additional-properties",
+        "generateSourceCodeOnly=true",
+        "--global-property",
+        "apiTests=false,modelTests=false,apiDocs=false,modelDocs=false",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    sys.path.insert(0, str(folder))
+    try:
+        yield importlib.import_module("skin_client")
+    finally:
+        sys.path.remove(str(folder))
+        for name in [name for name in sys.modules if name.partition(".")[0] == "skin_client"]:
+            del sys.modules[name]
+
+
+def problem_of(skin, call, *args):
+    """Return the problem details the generated client ``skin`` decoded from the failure of ``call``."""
+    with pytest.raises(skin.ApiException) as failure:
+        call(*args)
+    problem = failure.value.data
+    assert isinstance(problem, skin.Problem), failure.value
+    assert problem.status == failure.value.status and problem.type == "about:blank"
+    return problem.code
+
+
+def round_trip(skin, server, prefix):
+    """Upload, retry, analyze, inspect and delete through the generated client ``skin``, errors included."""
+    config = skin.Configuration(host=server.url + prefix, api_key={"ApiKeyAuth": KEY})
+    with skin.ApiClient(config) as client:
+        images, analysis = skin.ImagesApi(client), skin.AnalysisApi(client)
+        assert skin.HealthApi(client).get_health().status == "healthy"
+
+        photo, key = ("photo.jpg", make_jpeg(320, 240)), str(uuid.uuid4())
+        first = images.upload_image_with_http_info(file=photo, idempotency_key=key)
+        uploaded, image_id = first.data, first.data.image_id
+        assert first.status_code == 201 and first.headers["Location"] == f"{prefix}/images/{image_id}"
+        assert uploaded.content_type.value == "image/jpeg" and (uploaded.width, uploaded.height) == (320, 240)
+        retry = images.upload_image_with_http_info(file=photo, idempotency_key=key)
+        assert retry.data == uploaded and retry.headers["Idempotent-Replayed"] == "true"
+        assert images.upload_image(file=("photo.png", make_png())).content_type.value == "image/png"
+
+        result = analysis.analyze_image(skin.AnalyzeRequest(image_id=image_id))
+        assert result.image_id == image_id and 0.7 <= result.confidence <= 0.99
+        assert analysis.analyze_image(skin.AnalyzeRequest(image_id=image_id)) == result
+        assert analysis.analyze_image(skin.AnalyzeRequest(image_id="mock_oily")).skin_type.value == "Oily"
+        metadata = images.get_image(image_id)
+        assert metadata.analyzed and metadata.size_bytes == uploaded.size_bytes
+        assert images.delete_image_with_http_info(image_id).status_code == 204
+
+        assert problem_of(skin, images.get_image, image_id) == "image_not_found"
+        assert problem_of(skin, images.delete_image, image_id) == "image_not_found"
+        unknown = skin.AnalyzeRequest(image_id=REAL_ID)
+        assert problem_of(skin, analysis.analyze_image, unknown) == "image_not_found"
+        assert problem_of(skin, images.upload_image, ("a.png", b"not an image")) == "unsupported_type"
+        # The document's pattern reached the client, which refuses the id before sending it.
+        with pytest.raises(ValueError, match="image_id"):
+            skin.AnalyzeRequest(image_id="../etc/passwd")
+
+    config = skin.Configuration(host=server.url + prefix, api_key={"ApiKeyAuth": "not-a-key"})
+    with skin.ApiClient(config) as client:
+        assert problem_of(skin, skin.ImagesApi(client).get_image, REAL_ID) == "unauthorized"
+
+
+@pytest.mark.slow
+def test_a_generated_python_client_round_trips_under_every_server(generated_client, server):
+    for entry in DOCUMENT["servers"]:
+        round_trip(generated_client, server, entry["url"].rstrip("/"))
