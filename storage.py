@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -235,6 +236,7 @@ class Folder(Registry):
         self.folder = Path(folder)
         self.idempotency_ttl = idempotency_ttl
         self.min_free_bytes = min_free_bytes
+        self._folder_sync = GroupSync(self.folder)
 
     def open(self, clean):
         """Delete what interrupted writes left behind when ``clean``; return how many files that was."""
@@ -535,6 +537,54 @@ class Folder(Registry):
 
     def _sync_folder(self):
         # A rename is only durable once the directory entry itself is on disk.
+        self._folder_sync.sync()
+
+
+class GroupSync:
+    """fsync() of a folder, one for all the threads that need one at the same moment (group commit).
+
+    A caller's changes to the folder are durable once an fsync that started after them is done,
+    so a caller that finds one running waits for the next, which it or another waiter starts:
+    uploads landing together share one fsync instead of queueing for one each. Each fsync costs
+    about 0.14 ms of CPU and a journal commit on this disk.
+    """
+
+    def __init__(self, folder):
+        self.folder = folder
+        self._changed = threading.Condition()
+        self._started = 0  # fsyncs begun so far
+        self._done = 0  # fsyncs finished so far
+        self._running = False
+        self._failures = {}  # the number of an fsync that failed, and its error
+
+    def sync(self):
+        """Return once every change this thread made to the folder is on disk; raise OSError if not."""
+        with self._changed:
+            needed = self._started + 1  # one begun before now may have missed this thread's changes
+            while self._done < needed:
+                if self._running:
+                    self._changed.wait()
+                    continue
+                self._running, self._started = True, self._started + 1
+                number = self._started
+                self._changed.release()
+                try:
+                    error = None
+                    self._fsync()
+                except OSError as failure:
+                    error = failure
+                finally:
+                    self._changed.acquire()
+                    self._running, self._done = False, number
+                    if error is not None:
+                        self._failures[number] = error
+                    self._failures = {n: e for n, e in self._failures.items() if n > number - 1000}
+                    self._changed.notify_all()
+            error = self._failures.get(needed)
+        if error is not None:
+            raise error
+
+    def _fsync(self):
         fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)

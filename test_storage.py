@@ -467,3 +467,45 @@ def test_purge_shows_a_count_on_a_terminal_and_one_line_per_image_when_piped(mak
     logged = run_purge(uploads, "--older-than", "2").splitlines()  # as cron keeps it
     assert sorted(line.split()[1] for line in logged if line.startswith("deleted ")) == sorted(image_ids[-2:])
     assert logged[-1] == "2 images deleted: uploaded more than 2 days ago."
+
+
+# --- one folder fsync for the uploads that land together ----------------------------------
+
+
+def test_one_folder_fsync_covers_the_threads_that_need_one_together(tmp_path, monkeypatch):
+    group, log, lock = storage.GroupSync(tmp_path), [], threading.Lock()
+
+    def slow_fsync():
+        with lock:
+            log.append(("start", time.monotonic()))
+        time.sleep(0.05)
+
+    monkeypatch.setattr(group, "_fsync", slow_fsync)
+    arrived = {}
+
+    def changed_then_synced(n):
+        arrived[n] = time.monotonic()
+        group.sync()
+        return n, time.monotonic()
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(changed_then_synced, range(48)))
+    starts = [when for kind, when in log]
+    assert 2 <= len(starts) < 24  # shared, yet more than one
+    for n, returned in results:  # every caller waited for an fsync that began after it asked
+        assert any(arrived[n] <= start and start + 0.05 <= returned for start in starts)
+
+
+def test_a_failed_folder_fsync_fails_the_threads_it_was_for(tmp_path, monkeypatch):
+    group, calls = storage.GroupSync(tmp_path), []
+
+    def failing_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(group, "_fsync", failing_once)
+    with pytest.raises(OSError):
+        group.sync()
+    group.sync()  # the next one succeeds
+    assert len(calls) == 2
