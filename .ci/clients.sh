@@ -60,7 +60,7 @@ done
 
 # Collection variables are overridden by environment variables (--env-var), not by globals.
 npx --yes newman@6.2.2 run postman/skin-analysis.postman_collection.json --working-dir postman \
-    --env-var "baseUrl=$url" --env-var "apiKey=$key" </dev/null
+    --env-var "baseUrl=$url" --env-var "apiKey=$key" --env-var "metricsToken=$metrics_token" </dev/null
 
 # Every check on every operation but one: positive_data_acceptance is off for upload, whose file
 # a schema cannot require to be an image, so the schema-valid files schemathesis makes are
