@@ -131,8 +131,8 @@ class Bucket(storage.Registry):
         if self._call("head_bucket", PROBE_CONFIG) is None:
             raise storage.StorageUnavailable(UNAVAILABLE)
 
-    def spool(self):
-        return storage.Spool(tempfile.gettempdir(), named=False)
+    def spool(self, size):
+        return storage.Spool(tempfile.gettempdir(), named=False, size=size)
 
     def api_key(self):
         where = f"s3://{self.name}/{self.prefix}{KEY_OBJECT}"
@@ -156,7 +156,7 @@ class Bucket(storage.Registry):
             info = images.inspect(data)
             if idempotency_key is None:
                 return self._store(str(uuid.uuid4()), upload, data, info, None), False
-            sent = storage.fingerprint(data)
+            sent = upload.fingerprint()
             image_id, replay = self._claim(idempotency_key, sent)
             if replay:
                 return self.image(image_id), True
@@ -221,15 +221,24 @@ class Bucket(storage.Registry):
         return self._call("put_object", key=key, Body=json.dumps(record).encode(), **condition) is not None
 
     def _store(self, image_id, upload, data, info, digest):
-        pieces = images.strip_location(data, info.content_type)
-        body = bytes(data) if pieces is None else b"".join(pieces)
+        pieces = images.strip_location(data, info.content_type, release=upload.release)
         metadata = {"width": str(info.width), "height": str(info.height)}
         if digest:
             metadata["idempotency-key"] = digest  # so that deleting the image also forgets its key
-        self._call(
-            "put_object", key=IMAGES + image_id, Body=body, ContentType=info.content_type, Metadata=metadata
-        )
-        return storage.StoredImage(image_id, info.content_type, len(body), info.width, info.height)
+        # What is stored goes to the bucket from a local file, read a piece at a time: an upload
+        # holds no more memory for being large.
+        with tempfile.TemporaryFile(buffering=0) as body:
+            upload.write_to(body.fileno(), pieces)
+            body.seek(0)
+            self._call(
+                "put_object",
+                key=IMAGES + image_id,
+                Body=body,
+                ContentType=info.content_type,
+                Metadata=metadata,
+            )
+        size = storage.stored_size(upload, pieces)
+        return storage.StoredImage(image_id, info.content_type, size, info.width, info.height)
 
     def _head(self, image_id):
         return self._call("head_object", key=IMAGES + image_id)

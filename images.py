@@ -22,6 +22,8 @@ MAX_JPEG_HEADER_SEGMENTS = 1024  # real files have a few dozen; a cap stops craf
 # junk after a comment (1 to 16 bytes in the files seen). The skip is bounded: a file with more
 # junk than this between its segments is taken for what it is, corrupt.
 MAX_JPEG_JUNK_BYTES = 1024
+# The image data is searched for markers this much at a time (see strip_location's release).
+SCAN_WINDOW = 1024 * 1024
 
 # Where photos say where they were taken: Exif (its GPS IFD) and XMP in JPEG APP1 segments,
 # IPTC in APP13, free text in comments, anything in vendors' APPn; Exif and text chunks in PNG.
@@ -87,15 +89,17 @@ def inspect(data):
     return ImageInfo(content_type, width, height)
 
 
-def strip_location(data, content_type):
-    """Return the pieces of ``data`` that make the same photo without location metadata, or None.
+def strip_location(data, content_type, release=None):
+    """Return the pieces that make the same photo as ``data`` without location metadata, or None.
 
-    None means there is nothing to remove. Orientation is kept and nothing is re-encoded: the
-    pieces are memoryviews of ``data`` (and a few new bytes), to be written out in order. Takes
-    an image inspect() accepted.
+    None means there is nothing to remove. Orientation is kept and nothing is re-encoded: each
+    piece is a ``slice`` of ``data`` to copy, or new ``bytes``, to be written out in order.
+    ``release(offset)``, when given, is called as the scan of the image data moves on: nothing
+    before ``offset`` is read again, so a caller holding a mapping can let go of it. Takes an
+    image inspect() accepted.
     """
     if content_type == "image/jpeg":
-        return _strip_jpeg(data)
+        return _strip_jpeg(data, release)
     return _strip_png(data)
 
 
@@ -183,19 +187,18 @@ def _is_metadata(data, marker, body):
     return marker in JPEG_METADATA or (marker == JPEG_APP2 and data[body + 2 : body + 6] == MPF_HEADER)
 
 
-def _strip_jpeg(data):
-    view = memoryview(data)
+def _strip_jpeg(data, release):
     kept, removed, exif_seen, orientation, jfif_first, expected = [], False, False, None, False, 2
     for marker, start, body, end in _jpeg_segments(data):
         removed = removed or start != expected  # stray bytes before it, which decoders skip anyway
         expected = end
         if marker == JPEG_SOS:
-            scans, cut = _scans(data, start, end)
+            scans, cut = _scans(data, start, end, release)
             kept.extend(scans)
             removed = removed or cut
         elif not _is_metadata(data, marker, body):
             jfif_first = jfif_first or (not kept and marker == JPEG_APP0)
-            kept.append(view[start:end])
+            kept.append(slice(start, end))
         else:
             removed = True
             if marker == JPEG_APP1 and not exif_seen and data[body + 2 : body + 8] == EXIF_HEADER:
@@ -208,38 +211,45 @@ def _strip_jpeg(data):
         kept.insert(
             1 if jfif_first else 0, bytes([0xFF, JPEG_APP1]) + struct.pack(">H", len(exif) + 2) + exif
         )
-    return [view[:2], *kept]
+    return [slice(0, 2), *kept]
 
 
-def _scans(data, start, header_end):
+def _scans(data, start, header_end, release):
     """Return the image data from its first scan to its EOI, in pieces without metadata, and if any was cut.
 
     A progressive JPEG has several scans, with tables (and, in edited files, metadata segments)
-    between them; the scans and tables are copied as they are.
+    between them; the scans and tables are copied as they are. The data is searched a window at
+    a time, so that ``release`` can be told what the search has left behind.
     """
-    view = memoryview(data)
     pieces, kept_from, offset = [], start, header_end
-    while match := JPEG_SCAN_MARKER.search(data, offset):
+    while offset < len(data):
+        # A marker is two bytes: one that starts on the window's last byte is found in it.
+        window_end = min(offset + SCAN_WINDOW, len(data))
+        match = JPEG_SCAN_MARKER.search(data, offset, window_end + 1)
+        if match is None:
+            offset = window_end
+            if release:
+                release(offset)
+            continue
         if data[match.start() + 1] == JPEG_EOI[1]:
-            pieces.append(view[kept_from : match.end()])
+            pieces.append(slice(kept_from, match.end()))
             return pieces, kept_from != start or match.end() < len(data)
         segment_end = match.end() + int.from_bytes(data[match.end() : match.end() + 2], "big")
         if segment_end > len(data):
             break
         if _is_metadata(data, data[match.start() + 1], match.end()):
-            pieces.append(view[kept_from : match.start()])
+            pieces.append(slice(kept_from, match.start()))
             kept_from = segment_end
         offset = max(segment_end, match.end())  # its contents are no markers
-    pieces.append(view[kept_from:])  # no end where one was expected: keep the rest as it is
+    pieces.append(slice(kept_from, len(data)))  # no end where one was expected: keep the rest as it is
     return pieces, kept_from != start
 
 
 def _strip_png(data):
-    view = memoryview(data)
-    kept, removed, exif_seen = [view[: len(PNG_SIGNATURE)]], False, False
+    kept, removed, exif_seen = [slice(0, len(PNG_SIGNATURE))], False, False
     for kind, start, end in _png_chunks(data):
         if kind not in PNG_METADATA:
-            kept.append(view[start:end])
+            kept.append(slice(start, end))
             continue
         removed = True
         if kind == b"eXIf" and not exif_seen:

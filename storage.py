@@ -79,9 +79,11 @@ def is_image_id(value):
     return IMAGE_ID.fullmatch(value) is not None
 
 
-def fingerprint(data):
-    """What tells a retry of an upload from another upload under the same idempotency key."""
-    return hashlib.sha256(data).hexdigest()
+def stored_size(upload, pieces):
+    """The size of what a spooled upload becomes with ``pieces`` (None: all of it) written out."""
+    if pieces is None:
+        return upload.size
+    return sum(len(range(upload.size)[piece]) if isinstance(piece, slice) else len(piece) for piece in pieces)
 
 
 class Registry:
@@ -107,8 +109,8 @@ class Registry:
         """Return ``(key, where)`` of the key made on first start, shared by every worker, instance and restart."""
         raise NotImplementedError
 
-    def spool(self):
-        """A new Spool for an upload's file part, on local storage."""
+    def spool(self, size):
+        """A new Spool for an upload's file part of about ``size`` bytes (None: unknown), on local storage."""
         raise NotImplementedError
 
     def save_image(self, upload, idempotency_key=None):
@@ -151,18 +153,21 @@ class Registry:
 class Spool:
     """An upload's file part as it arrives: in memory up to SPOOL_BYTES, then in a file in ``folder``.
 
-    So a body waiting for its turn holds little memory. A ``named`` spool lives in the uploads
-    folder under a temporary name, so that an image stored as it was sent becomes its file by a
-    rename, with no copy; a crash leaves that name behind for the next start to remove.
+    So a body waiting for its turn holds little memory; one announced (``size``) as larger goes
+    to the file from its first byte. A ``named`` spool lives in the uploads folder under a
+    temporary name, so that an image stored as it was sent becomes its file by a rename, with
+    no copy; a crash leaves that name behind for the next start to remove.
     """
 
-    def __init__(self, folder, named):
+    def __init__(self, folder, named, size=None):
         self.folder = folder
         self.named = named
         self.size = 0
         self._memory = bytearray()
         self._file = None
         self._path = None
+        self._in_memory_up_to = 0 if size is not None and size > SPOOL_BYTES else SPOOL_BYTES
+        self._mapped = None
 
     @property
     def in_file(self):
@@ -171,7 +176,7 @@ class Spool:
     def write(self, data):
         """Append ``data``; raise StorageUnavailable or StorageFull (and discard the spool) on failure."""
         try:
-            if self._file is None and self.size + len(data) > SPOOL_BYTES:
+            if self._file is None and self.size + len(data) > self._in_memory_up_to:
                 self._roll_over()
             if self._file is None:
                 self._memory += data
@@ -198,14 +203,40 @@ class Spool:
             yield self._memory
             return
         try:
-            mapped = mmap.mmap(self._file.fileno(), self.size, access=mmap.ACCESS_READ)
+            self._mapped = mmap.mmap(self._file.fileno(), self.size, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as error:
             raise StorageUnavailable("The uploaded file could not be read back.") from error
         try:
-            yield mapped
+            yield self._mapped
         finally:
             with contextlib.suppress(BufferError):  # views still held by a traceback: the GC closes it
-                mapped.close()
+                self._mapped.close()
+            self._mapped = None
+
+    def release(self, offset):
+        """Let go of the mapped pages before ``offset``: read once, they need not stay in this process."""
+        if self._mapped is not None:
+            self._mapped.madvise(mmap.MADV_DONTNEED, 0, offset - offset % mmap.PAGESIZE)
+
+    def fingerprint(self):
+        """The SHA-256 of the content, read a piece at a time rather than mapped whole."""
+        if self._file is None:
+            return hashlib.sha256(self._memory).hexdigest()
+        self._file.seek(0)
+        return hashlib.file_digest(self._file, "sha256").hexdigest()
+
+    def write_to(self, fd, pieces=None):
+        """Write the content to ``fd``: all of it, or ``pieces`` (slices of it, and new bytes) in order.
+
+        From a file, slices are copied by the kernel (copy_file_range), never through this process.
+        """
+        for piece in [slice(0, self.size)] if pieces is None else pieces:
+            if not isinstance(piece, slice):
+                _write_all(fd, piece)
+            elif self._file is None:
+                _write_all(fd, memoryview(self._memory)[piece])
+            else:
+                _copy_range(self._file.fileno(), fd, piece.start, piece.stop)
 
     def commit(self, path):
         """Make the spooled file durable under ``path`` in its folder; the caller syncs the folder."""
@@ -262,8 +293,8 @@ class Folder(Registry):
         if stats.f_bavail * stats.f_frsize < self.min_free_bytes:
             raise StorageUnavailable("The disk holding the uploads folder is full.")
 
-    def spool(self):
-        return Spool(self.folder, named=True)
+    def spool(self, size):
+        return Spool(self.folder, named=True, size=size)
 
     def save_image(self, upload, idempotency_key=None):
         """Store an upload durably under a new id (see Registry.save_image).
@@ -275,7 +306,7 @@ class Folder(Registry):
             info = images.inspect(data)
             if idempotency_key is None:
                 return self._store(str(uuid.uuid4()), upload, data, info), False
-            sent = fingerprint(data)
+            sent = upload.fingerprint()
             with self._idempotency_record(idempotency_key, wait=False) as record:
                 if record.value is None:
                     record.write({"image_id": str(uuid.uuid4()), "sha256": sent})
@@ -286,18 +317,17 @@ class Folder(Registry):
                 # A new key, or one whose first upload stopped before its image was stored: store it.
                 image_id = record.value["image_id"]
                 path = self._path(image_id, IDEMPOTENCY_SUFFIX)
-                self.write_new(path, [idempotency_key.encode()], replace=True)
+                self.write_new(path, idempotency_key.encode(), replace=True)
                 return self._store(image_id, upload, data, info), False
 
     def _store(self, image_id, upload, data, info):
-        pieces = images.strip_location(data, info.content_type)
+        pieces = images.strip_location(data, info.content_type, release=upload.release)
         path = self._path(image_id, EXTENSIONS[info.content_type])
         if pieces is None and upload.in_file and upload.named:
             self._commit(upload, path)
         else:
-            self.write_new(path, [data] if pieces is None else pieces, replace=True)
-        size = upload.size if pieces is None else sum(len(piece) for piece in pieces)
-        return StoredImage(image_id, info.content_type, size, info.width, info.height)
+            self._write_file(path, lambda fd: upload.write_to(fd, pieces), replace=True)
+        return StoredImage(image_id, info.content_type, stored_size(upload, pieces), info.width, info.height)
 
     def _commit(self, upload, path):
         """Rename a spooled upload into place, as durably as write_new() writes."""
@@ -371,7 +401,7 @@ class Folder(Registry):
             raise ImageNotFound(f"No image with id {image_id} exists.")
         record = analyze(image_id)
         record_path = self._path(image_id, ".json")
-        created = self.write_new(record_path, [record], replace=False)
+        created = self.write_new(record_path, record, replace=False)
         if not self._has_image(image_id):  # deleted meanwhile: leave no analysis behind
             self._unlink(record_path)
             raise ImageNotFound(f"No image with id {image_id} exists.")
@@ -430,7 +460,7 @@ class Folder(Registry):
         path = self.folder / KEY_FILE
         if not path.exists():
             # Workers starting together each try; link() lets exactly one file win.
-            self.write_new(path, [secrets.token_urlsafe(32).encode()], replace=False)
+            self.write_new(path, secrets.token_urlsafe(32).encode(), replace=False)
         return path.read_text().strip(), str(path)
 
     @contextlib.contextmanager
@@ -501,19 +531,22 @@ class Folder(Registry):
         # A plain string: pathlib's parsing is a visible share of a repeat analysis.
         return f"{self.folder}/{image_id}{extension}"
 
-    def write_new(self, path, pieces, replace):
-        """Write ``pieces`` to ``path`` in this folder atomically and durably: temp file, fsync, rename, fsync.
+    def write_new(self, path, data, replace):
+        """Write ``data`` to ``path`` in this folder atomically and durably (see _write_file)."""
+        return self._write_file(path, lambda fd: _write_all(fd, data), replace)
 
-        With ``replace=False`` an existing file wins and False is returned, so
-        concurrent writers of the same file agree on one version.
+    def _write_file(self, path, write, replace):
+        """Make ``path`` in this folder what ``write(fd)`` writes, atomically and durably.
+
+        A temporary file, fsync, rename, fsync of the folder. With ``replace=False`` an existing
+        file wins and False is returned, so concurrent writers of the same file agree on one version.
         """
         temp = f"{self.folder}/{TEMP_PREFIX}{uuid.uuid4().hex}"
         created = False
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                for piece in pieces:
-                    _write_all(fd, piece)
+                write(fd)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -633,6 +666,20 @@ class IdempotencyRecord:
 
     def delete(self):
         self.folder._unlink(self.path)
+
+
+def _copy_range(source, fd, start, end):
+    """Copy ``source``'s bytes from ``start`` to ``end`` to ``fd``, in the kernel where it can."""
+    while start < end:
+        try:
+            copied = os.copy_file_range(source, fd, end - start, start)
+        except OSError as error:  # a kernel or filesystem without it: through a small buffer
+            if error.errno not in (errno.ENOSYS, errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            copied = os.write(fd, os.pread(source, min(end - start, 1024 * 1024), start))
+        if not copied:
+            raise OSError(errno.EIO, "the spool ended early")
+        start += copied
 
 
 def _write_all(fd, data):

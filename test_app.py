@@ -1406,3 +1406,19 @@ def test_the_start_up_line_says_registry_limits_and_metrics(make_app, capsys):
     (line,) = [line for line in capsys.readouterr().out.splitlines() if "service ready" in line]
     assert "registry=" in line and "metrics=on" in line
     assert 'rate_limits="upload=30/minute auth-failures=10/minute in per-worker memory"' in line
+
+
+@pytest.mark.parametrize("size", [20_000, 1_500_000], ids=["in memory", "spooled to a file"])
+def test_large_photos_lose_their_location_as_small_ones_do(client, store, size):
+    metadata = exif_segment(exif_tiff()) + b"".join(LOCATING_SEGMENTS)
+    sent = make_jpeg(segments=[metadata], size=size)
+    stored = stored_image(store, upload(client, sent))
+    assert stored == sent.replace(metadata, exif_segment(MINIMAL_EXIF["<"]), 1)
+    assert len(stored) < len(sent)
+
+
+@pytest.mark.parametrize("size", [1_000, 1_000_000], ids=["in memory", "spooled to a file"])
+def test_text_chunks_of_any_size_leave_a_png(client, store, size):
+    text = png_chunk(b"tEXt", b"Comment\x00" + b"GPS 52.52 13.40 " * (size // 16))
+    stored = stored_image(store, upload(client, make_png(extra_chunks=[text]), content_type="image/png"))
+    assert stored == make_png()

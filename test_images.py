@@ -14,7 +14,7 @@ from conftest import MINIMAL_EXIF, exif_segment, exif_tiff, jpeg_segment, make_j
 def stripped(data, content_type="image/jpeg"):
     """What would be stored: the pieces strip_location() keeps, joined."""
     pieces = images.strip_location(data, content_type)
-    return data if pieces is None else b"".join(pieces)
+    return data if pieces is None else b"".join(data[p] if isinstance(p, slice) else p for p in pieces)
 
 
 def pixels(data):
@@ -106,3 +106,24 @@ def test_stray_bytes_are_skipped_only_up_to_a_marker_within_a_bound(data):
 def test_stripping_keeps_every_pixel():
     sent = make_jpeg(48, 40, segments=[exif_segment(exif_tiff()), jpeg_segment(0xFE, b"GPS 52.52N")])
     assert pixels(stripped(sent)) == pixels(sent)
+
+
+def progressive(plain=make_jpeg(64, 32)):
+    """A JPEG with a second scan after the first, metadata segments and a table between them."""
+    first_scan_end = plain.index(b"\xff\xd9")
+    table = jpeg_segment(0xC4, b"\x10\x01" + b"\x00" * 15 + b"\xff")  # 0xFF inside a table is no marker
+    scan = jpeg_segment(0xDA, b"\x01\x01\x00\x00\x3f\x00") + b"\x12\xff\x00\x34\xff\xd0\x56" * 40
+    metadata = exif_segment(exif_tiff()) + jpeg_segment(0xFE, b"GPS 52.52N")
+    sent = plain[:first_scan_end] + metadata + table + metadata + scan + b"\xff\xd9" + b"trailing video"
+    kept = plain[:first_scan_end] + table + scan + b"\xff\xd9"
+    return sent, kept
+
+
+@pytest.mark.parametrize("window", [*range(1, 24), 64, 1000, images.SCAN_WINDOW])
+def test_the_scan_finds_the_same_markers_whatever_its_window(monkeypatch, window):
+    monkeypatch.setattr(images, "SCAN_WINDOW", window)
+    sent, kept = progressive()
+    released = []
+    pieces = images.strip_location(sent, "image/jpeg", release=released.append)
+    assert b"".join(sent[p] if isinstance(p, slice) else p for p in pieces) == kept
+    assert released == sorted(released) and all(offset <= len(sent) for offset in released)
