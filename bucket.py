@@ -131,8 +131,8 @@ class Bucket(storage.Registry):
         if self._call("head_bucket", PROBE_CONFIG) is None:
             raise storage.StorageUnavailable(UNAVAILABLE)
 
-    def spool(self, size):
-        return storage.Spool(tempfile.gettempdir(), named=False, size=size)
+    def spool(self, size, fingerprinted):
+        return storage.Spool(tempfile.gettempdir(), named=False, size=size, fingerprinted=fingerprinted)
 
     def api_key(self):
         where = f"s3://{self.name}/{self.prefix}{KEY_OBJECT}"

@@ -98,9 +98,24 @@ def strip_location(data, content_type, release=None):
     before ``offset`` is read again, so a caller holding a mapping can let go of it. Takes an
     image inspect() accepted.
     """
-    if content_type == "image/jpeg":
-        return _strip_jpeg(data, release)
-    return _strip_png(data)
+    pieces = _strip_jpeg(data, release) if content_type == "image/jpeg" else _strip_png(data)
+    return None if pieces is None else _joined(pieces)
+
+
+def _joined(pieces):
+    """The same pieces, with slices that follow on from each other made one."""
+    joined = []
+    for piece in pieces:
+        if (
+            joined
+            and isinstance(piece, slice)
+            and isinstance(joined[-1], slice)
+            and joined[-1].stop == piece.start
+        ):
+            joined[-1] = slice(joined[-1].start, piece.stop)
+        else:
+            joined.append(piece)
+    return joined
 
 
 def _png_size(data):
@@ -187,31 +202,63 @@ def _is_metadata(data, marker, body):
     return marker in JPEG_METADATA or (marker == JPEG_APP2 and data[body + 2 : body + 6] == MPF_HEADER)
 
 
+def strip_header(head):
+    """The start of a JPEG without location, once ``head`` holds its whole header.
+
+    Returns ``(pieces, end)``: what replaces ``head[:end]``, the header up to its first start of
+    scan (pieces as strip_location() gives them, or None when nothing in it needs removing), so
+    that a large upload can be written out without its metadata from the start. Returns None
+    while ``head`` may still be too short to tell, and ``(None, 0)`` for what is no JPEG.
+    """
+    if len(head) < len(JPEG_SOI):
+        return None
+    if head[:3] != JPEG_SOI:
+        return None, 0
+    try:
+        pieces, removed, end, _ = _strip_header(head)
+    except InvalidImage:  # cut short here, or corrupt: what follows tells, inspect() decides
+        return None
+    return (_joined(pieces) if removed else None), end
+
+
 def _strip_jpeg(data, release):
+    header, removed, scan_start, scan_end = _strip_header(data)
+    scans, cut = _scans(data, scan_start, scan_end, release)
+    return [*header, *scans] if removed or cut else None
+
+
+def _strip_header(data):
+    """Return ``(pieces, removed, start, end)``: the header before the first scan, without location.
+
+    ``start`` and ``end`` are where the first start-of-scan segment begins and ends. An Exif
+    segment that holds nothing but an orientation, as this function writes it, stays where it
+    is, so that stripping what was stripped removes nothing.
+    """
     kept, removed, exif_seen, orientation, jfif_first, expected = [], False, False, None, False, 2
     for marker, start, body, end in _jpeg_segments(data):
         removed = removed or start != expected  # stray bytes before it, which decoders skip anyway
         expected = end
         if marker == JPEG_SOS:
-            scans, cut = _scans(data, start, end, release)
-            kept.extend(scans)
-            removed = removed or cut
+            break
+        if marker == JPEG_APP1 and not exif_seen and data[body + 2 : body + 8] == EXIF_HEADER:
+            exif_seen = True
+            orientation = _orientation_only(data[body + 8 : end])
+            if orientation is not None and data[body + 8 : end] == orientation:
+                kept.append(slice(start, end))
+                orientation = None
+            else:
+                removed = True
         elif not _is_metadata(data, marker, body):
             jfif_first = jfif_first or (not kept and marker == JPEG_APP0)
             kept.append(slice(start, end))
         else:
             removed = True
-            if marker == JPEG_APP1 and not exif_seen and data[body + 2 : body + 8] == EXIF_HEADER:
-                exif_seen = True
-                orientation = _orientation_only(data[body + 8 : end])
-    if not removed:
-        return None
     if orientation:
         exif = EXIF_HEADER + orientation
         kept.insert(
             1 if jfif_first else 0, bytes([0xFF, JPEG_APP1]) + struct.pack(">H", len(exif) + 2) + exif
         )
-    return [slice(0, 2), *kept]
+    return [slice(0, 2), *kept], removed, start, end
 
 
 def _scans(data, start, header_end, release):

@@ -230,7 +230,7 @@ class Admission:
             received.error = InvalidMultipart("the Content-Type has no usable boundary")
         else:
             try:
-                received.file = self.spool(length)
+                received.file = self.spool(length, "HTTP_IDEMPOTENCY_KEY" in environ)
                 parser = FilePartParser(boundary.encode(), received.file.write, self.file_limit)
             except storage.StorageError as error:
                 received.error = error

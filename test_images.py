@@ -8,7 +8,16 @@ import pytest
 from PIL import Image
 
 import images
-from conftest import MINIMAL_EXIF, exif_segment, exif_tiff, jpeg_segment, make_jpeg, make_png
+from conftest import (
+    LOCATING_SEGMENTS,
+    MINIMAL_EXIF,
+    exif_segment,
+    exif_tiff,
+    jpeg_segment,
+    make_jpeg,
+    make_png,
+    png_chunk,
+)
 
 
 def stripped(data, content_type="image/jpeg"):
@@ -127,3 +136,46 @@ def test_the_scan_finds_the_same_markers_whatever_its_window(monkeypatch, window
     pieces = images.strip_location(sent, "image/jpeg", release=released.append)
     assert b"".join(sent[p] if isinstance(p, slice) else p for p in pieces) == kept
     assert released == sorted(released) and all(offset <= len(sent) for offset in released)
+
+
+SENT = {
+    "phone photo": make_jpeg(64, 32, segments=[exif_segment(exif_tiff()), *LOCATING_SEGMENTS]),
+    "upright photo": make_jpeg(64, 32, segments=[exif_segment(exif_tiff(orientation=1))]),
+    "no metadata": make_jpeg(64, 32),
+    "motion photo": make_jpeg(64, 32, segments=[exif_segment(exif_tiff(">"))]) + b"ftypmp42 video",
+    "stray bytes": make_jpeg(64, 32, segments=[jpeg_segment(0xFE, b"c"), b"junk"]),
+    "progressive": progressive()[0],
+    "png": make_png(extra_chunks=[png_chunk(b"tEXt", b"Comment\x00GPS")]) + b"trailer",
+}
+
+
+@pytest.mark.parametrize("sent", SENT.values(), ids=SENT.keys())
+def test_stripping_what_was_stripped_removes_nothing(sent):
+    content_type = images.inspect(sent).content_type
+    once = stripped(sent, content_type)
+    assert images.strip_location(once, content_type) is None
+
+
+@pytest.mark.parametrize("sent", SENT.values(), ids=SENT.keys())
+def test_a_header_stripped_ahead_gives_what_stripping_the_whole_file_gives(sent):
+    """What a large upload's spool writes: its header without location as soon as it is all there."""
+    for cut in range(len(sent) + 1):
+        header = images.strip_header(sent[:cut])
+        if header is not None:
+            break
+    pieces, end = header
+    if not sent.startswith(b"\xff\xd8"):
+        assert header == (None, 0)
+        return
+    head = b"".join(sent[p] if isinstance(p, slice) else p for p in pieces or [slice(0, end)])
+    ahead = head + sent[end:]  # what the spool holds
+    assert stripped(ahead) == stripped(sent)
+    assert cut < len(sent) and images.strip_header(sent[: cut - 1]) is None
+
+
+def test_pieces_that_follow_on_are_one_slice():
+    pieces = images.strip_location(SENT["motion photo"], "image/jpeg")
+    assert len(pieces) == 3 and isinstance(pieces[1], bytes)  # SOI and APP0, the orientation, the rest
+    assert images.strip_location(stripped(SENT["motion photo"]) + b"more video", "image/jpeg") == [
+        slice(0, len(stripped(SENT["motion photo"])))
+    ]

@@ -54,7 +54,7 @@ def receive(body, boundary, step=None, tmp_path=None, **limits):
         file_limit=limits.get("file_limit", 10**9),
         analyze_limit=0,
         client_timeout=5,
-        spool=lambda size: storage.Spool(tmp_path or "/tmp", named=False, size=size),
+        spool=lambda size, fingerprinted: storage.Spool(tmp_path or "/tmp", named=False, size=size),
         slots=1,
         metrics=metrics.NoMetrics(),
     )

@@ -20,11 +20,15 @@ from app import create_app
 from conftest import (
     HERE,
     KEY,
+    LOCATING_SEGMENTS,
+    MINIMAL_EXIF,
     BucketStore,
     age,
     analyze,
     assert_problem,
     delete,
+    exif_segment,
+    exif_tiff,
     make_jpeg,
     unique_jpeg,
     upload,
@@ -509,3 +513,22 @@ def test_a_failed_folder_fsync_fails_the_threads_it_was_for(tmp_path, monkeypatc
         group.sync()
     group.sync()  # the next one succeeds
     assert len(calls) == 2
+
+
+@pytest.mark.folder
+@pytest.mark.parametrize("trailer", [b"", b"ftypmp42 a motion photo's video"], ids=["photo", "motion photo"])
+def test_a_large_photo_is_written_once_without_its_metadata(make_app, store, monkeypatch, trailer):
+    """Its header loses its metadata before it reaches the spool, which then becomes the image by a rename."""
+    app = make_app()
+    registry, written = app.extensions["registry"], []
+    real_write = registry._write_file
+    monkeypatch.setattr(
+        registry, "_write_file", lambda path, *args: (written.append(path), real_write(path, *args))[1]
+    )
+    metadata = exif_segment(exif_tiff()) + b"".join(LOCATING_SEGMENTS)
+    sent = make_jpeg(segments=[metadata], size=2_000_000) + trailer
+    image_id = upload(app.test_client(), sent).get_json()["image_id"]
+    assert store.image(image_id) == sent[: len(sent) - len(trailer)].replace(
+        metadata, exif_segment(MINIMAL_EXIF["<"])
+    )
+    assert not [path for path in written if image_id in path]
