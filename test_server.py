@@ -22,6 +22,7 @@ import pytest
 import requests
 
 import images
+from bench.servers import SeaweedFS
 from conftest import (
     FILE_HEADERS,
     HERE,
@@ -29,7 +30,6 @@ from conftest import (
     REAL_ID,
     BucketStore,
     FolderStore,
-    SeaweedFS,
     Server,
     analyze_over_http,
     health_status,

@@ -1,1 +1,1 @@
-"""Benchmark of the service against a bare-WSGI ceiling; run with .venv/bin/python bench/run.py."""
+"""Benchmark of the service against a FastAPI reference and gunicorn ceilings; run with .venv/bin/python bench/run.py."""

@@ -24,8 +24,9 @@ def app(environ, start_response):
     if path == "/analyze":
         return _json(start_response, "200 OK", ANALYSIS)
     image_id = str(uuid.uuid4())
-    # The service's own durable write (temp file, fsync, rename, folder fsync), none of its checks.
-    UPLOADS.write_new(f"{UPLOADS.folder}/{image_id}.jpg", [body], replace=True)
+    # The service's own durable write of a photo (temp file, fsync, its pages dropped from the
+    # page cache, rename, folder fsync), none of its checks.
+    UPLOADS.write_new(f"{UPLOADS.folder}/{image_id}.jpg", body, replace=True, evict=True)
     return _json(start_response, "201 Created", json.dumps({"image_id": image_id}).encode())
 
 

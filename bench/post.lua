@@ -17,6 +17,7 @@ function init(args)
    wrk.headers["Content-Type"] = args[2]
    wrk.headers["X-API-Key"] = args[3]
    non2xx = 0
+   repeats = 0
 end
 
 -- wrk itself only counts statuses above 399 as errors; a 1xx or 3xx is a failure here too.
@@ -27,14 +28,15 @@ function response(status, headers, body)
 end
 
 function done(summary, latency, requests)
-   local non2xx = 0
+   local non2xx, repeats = 0, 0
    for _, thread in ipairs(threads) do
       non2xx = non2xx + thread:get("non2xx")
+      repeats = repeats + thread:get("repeats")
    end
    local errors = summary.errors
    io.write(string.format(
       'BENCH_RESULT {"requests": %d, "duration_us": %d, "connect": %d, "read": %d, "write": %d, ' ..
-      '"status": %d, "timeout": %d, "non2xx": %d, "p50_us": %d, "p99_us": %d}\n',
+      '"status": %d, "timeout": %d, "non2xx": %d, "repeats": %d, "p50_us": %d, "p99_us": %d}\n',
       summary.requests, summary.duration, errors.connect, errors.read, errors.write,
-      errors.status, errors.timeout, non2xx, latency:percentile(50), latency:percentile(99)))
+      errors.status, errors.timeout, non2xx, repeats, latency:percentile(50), latency:percentile(99)))
 end
