@@ -24,8 +24,8 @@ On a shared machine, a window in which other processes took CPU is measured agai
 go quiet (for at most 15 minutes over a full run); the report says how much they ran.
 wrk is installed with apt-get when missing. Run from the repository root:
 
-    .venv/bin/python bench/run.py          # 3 rounds, 10 s windows (~15 min); writes bench/RESULTS.md
-    .venv/bin/python bench/run.py --quick  # 1 round, 2 s windows (~1.5 min); prints the table only (for CI)
+    .venv/bin/python bench/run.py          # 3 rounds, 10 s windows (~26 min); writes bench/RESULTS.md
+    .venv/bin/python bench/run.py --quick  # 1 round, 2 s windows (~3.5 min); prints the tables only (for CI)
 """
 
 import argparse
@@ -130,7 +130,7 @@ class ServerSpec:
     command: Callable[[int], list[str]]  # the argument list that serves on a loopback port
     env: dict = field(default_factory=dict)  # on top of SERVER_ENV
     # A context manager started around the server (an S3 store, Redis): given the work folder,
-    # it yields environment variables that point the server at what it started.
+    # it yields the environment variables that point the server at what it started, and its pid.
     needs: Callable[[Path], contextlib.AbstractContextManager[dict]] | None = None
     workloads: frozenset[str] | None = None  # the names of those it runs; None: all
 
@@ -169,22 +169,22 @@ def uvicorn(factory):
 
 @contextlib.contextmanager
 def seaweedfs(work):
-    """A fresh SeaweedFS on CPU 1 (beside wrk) with an empty bucket; yield the service's settings for it."""
+    """A fresh SeaweedFS on CPU 1 (beside wrk) with an empty bucket; yield the service's settings for it, and its pid."""
     server = SeaweedFS(tempfile.mkdtemp(prefix="seaweedfs-", dir=work), launcher=pinned_beside_wrk())
     try:
         server.start()
         server.client().create_bucket(Bucket="bench")
-        yield {**server.env, "STORAGE_URL": "s3://bench/uploads"}
+        yield {**server.env, "STORAGE_URL": "s3://bench/uploads"}, server.process.pid
     finally:
         server.stop()
 
 
 @contextlib.contextmanager
 def redis(work):
-    """A fresh redis-server on CPU 1 (beside wrk); yield the settings that keep the rate limits in it."""
+    """A fresh redis-server on CPU 1 (beside wrk); yield the settings that keep the rate limits in it, and its pid."""
     server = RedisServer(tempfile.mkdtemp(prefix="redis-", dir=work), launcher=pinned_beside_wrk()).start()
     try:
-        yield {"RATE_LIMIT_STORAGE_URL": server.url}
+        yield {"RATE_LIMIT_STORAGE_URL": server.url}, server.process.pid
     finally:
         server.stop()
 
@@ -367,9 +367,13 @@ def free_port():
 
 @contextlib.contextmanager
 def running(spec, work, upload_dir):
-    """Start ``spec``'s server on a free loopback port; yield (port, pid, what its needs set); always stop it."""
+    """Start ``spec``'s server on a free loopback port; always stop it.
+
+    Yield (port, pid, what its needs set, pids): ``pids``, the server's and what it needs', are
+    the processes whose CPU is the benchmark's own, not another program's.
+    """
     with contextlib.ExitStack() as stack:
-        needed_env = stack.enter_context(spec.needs(work)) if spec.needs else {}
+        needed_env, needed_pid = stack.enter_context(spec.needs(work)) if spec.needs else ({}, None)
         port = free_port()
         env = {
             **{name: value for name, value in os.environ.items() if name != "PORT"},
@@ -398,7 +402,7 @@ def running(spec, work, upload_dir):
                 raise BenchError(f"cannot start {spec.name}: {error}") from error
         stack.callback(stop, process)
         wait_healthy(spec, process, port, log_path)
-        yield port, process.pid, needed_env
+        yield port, process.pid, needed_env, (process.pid, *([needed_pid] if needed_pid else []))
 
 
 def wait_healthy(spec, process, port, log_path, timeout=30):
@@ -559,11 +563,12 @@ def sampling_pss(pid):
         sampler.join()
 
 
-def user_seconds(pid):
-    """User-mode CPU seconds so far of the whole machine, and of ours: this script, wrk and the server."""
+def user_seconds(pids):
+    """User-mode CPU seconds so far of the whole machine, and of ours: this script, wrk, the server and its needs."""
     user, nice = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:3]
     own, waited = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    ours = own.ru_utime + waited.ru_utime + cpu_seconds(pid)[0]  # waited: wrk runs that have ended
+    # waited: wrk runs that have ended
+    ours = own.ru_utime + waited.ru_utime + sum(cpu_seconds(pid)[0] for pid in pids)
     return (int(user) + int(nice)) / CLOCK_TICKS, ours
 
 
@@ -576,12 +581,12 @@ def foreign_share(before, after, seconds):
     return max(0.0, 100 * ((after[0] - before[0]) - (after[1] - before[1])) / seconds)
 
 
-def wait_until_quiet(pid, mode):
+def wait_until_quiet(pids, mode):
     """Wait, while the mode's patience lasts, until other processes leave the machine to the benchmark."""
     while True:
-        before = user_seconds(pid)
+        before = user_seconds(pids)
         time.sleep(QUIET_SAMPLE)
-        share = foreign_share(before, user_seconds(pid), QUIET_SAMPLE)
+        share = foreign_share(before, user_seconds(pids), QUIET_SAMPLE)
         if share <= FOREIGN_LIMIT or time.monotonic() >= mode["patient_until"]:
             return
         log(f"  other processes use {share:.0f}% of a core: waiting for a quiet machine")
@@ -598,12 +603,15 @@ def wrk(port, target, connections, seconds, first=1):
     raise BenchError(f"wrk failed (exit {result.returncode}):\n{result.stdout}{result.stderr}")
 
 
-def measure(pid, port, target, connections, mode):
-    """Warm up and measure one window, again if other processes took CPU meanwhile; return the last."""
+def measure(pids, port, target, connections, mode):
+    """Warm up and measure one window, again if other processes took CPU meanwhile; return the last.
+
+    ``pids``: the server's first, then what it needs (see running()).
+    """
     attempts, errors, first = 0, dict.fromkeys(ERROR_KINDS, 0), 1
     while True:
-        wait_until_quiet(pid, mode)
-        run = measure_once(pid, port, target, connections, mode, first)
+        wait_until_quiet(pids, mode)
+        run = measure_once(pids, port, target, connections, mode, first)
         first = run["next"]
         attempts += 1
         # A failed request in a discarded attempt is still a failure.
@@ -613,16 +621,17 @@ def measure(pid, port, target, connections, mode):
         log(f"  other processes used {run['foreign']:.0f}% of a core during the window: measuring again")
 
 
-def measure_once(pid, port, target, connections, mode, first):
+def measure_once(pids, port, target, connections, mode, first):
     """Warm up, then measure one window; return its req/s, latencies, errors and CPU use.
 
     A rotating target's warm-up starts at line ``first``, and the window where the warm-up left
     off; ``next`` in the result is where another attempt would start. wrk may have sent up to
     one request per connection that it did not count as completed: those lines are skipped too.
     """
+    pid = pids[0]
     warmup = wrk(port, target, connections, mode["warmup"], first)
     first += warmup["requests"] + connections
-    users_before = user_seconds(pid)
+    users_before = user_seconds(pids)
     (user_before, system_before), started = cpu_seconds(pid), time.monotonic()
     window = wrk(port, target, connections, mode["window"], first)
     (user_after, system_after), elapsed = cpu_seconds(pid), time.monotonic() - started
@@ -635,7 +644,7 @@ def measure_once(pid, port, target, connections, mode, first):
         "p99": window["p99_us"] / 1000,
         "errors": errors,
         "cpu": 100 * (user_after - user_before + system_after - system_before) / elapsed,
-        "foreign": foreign_share(users_before, user_seconds(pid), elapsed),
+        "foreign": foreign_share(users_before, user_seconds(pids), elapsed),
         "user_ms": 1000 * (user_after - user_before) / requests,
         "system_ms": 1000 * (system_after - system_before) / requests,
         "repeats": warmup["repeats"] + window["repeats"],
@@ -658,9 +667,9 @@ def run_throughput(work, bodies, mode):
                 # A fresh uploads folder per server keeps disk state the same for every run.
                 upload_dir = Path(tempfile.mkdtemp(prefix="uploads-", dir=work))
                 try:
-                    with running(spec, work, upload_dir) as (port, pid, _):
+                    with running(spec, work, upload_dir) as (port, _, _, pids):
                         target = target_for(work, port, workload, bodies, mode)
-                        run = measure(pid, port, target, workload.connections, mode)
+                        run = measure(pids, port, target, workload.connections, mode)
                         results[workload.name][spec.name].append(run)
                 finally:
                     shutil.rmtree(upload_dir)
@@ -674,7 +683,7 @@ def run_memory(work, bodies, mode):
         log(f"memory: 16 concurrent 5 MiB uploads on {spec.name}")
         upload_dir = Path(tempfile.mkdtemp(prefix="uploads-", dir=work))
         try:
-            with running(spec, work, upload_dir) as (port, pid, _):
+            with running(spec, work, upload_dir) as (port, pid, _, _):
                 with sampling_pss(pid) as pss:
                     target = Target("/upload", bodies[MAX_UPLOAD_BYTES], MULTIPART)
                     result = wrk(port, target, 16, mode["memory"])
@@ -708,9 +717,9 @@ def run_growth(work, mode):
     for round_number in range(1, mode["rounds"] + 1):
         for count, (folder, image_id) in folders.items():
             log(f"round {round_number}/{mode['rounds']}: analyze with {count:,} images stored")
-            with running(spec, work, folder) as (port, pid, _):
+            with running(spec, work, folder) as (port, _, _, pids):
                 target = Target("/analyze", analyze_body(work, port, image_id), "application/json")
-                results[count].append(measure(pid, port, target, 16, mode))
+                results[count].append(measure(pids, port, target, 16, mode))
     return results
 
 
@@ -728,7 +737,7 @@ def run_bucket_latency(work, mode):
     count = 200 if mode["rounds"] == 1 else 1000
     upload_dir = Path(tempfile.mkdtemp(prefix="uploads-", dir=work))
     try:
-        with running(spec, work, upload_dir) as (port, _, env):
+        with running(spec, work, upload_dir) as (port, _, env, _):
             [image_id] = upload(port, multipart_body(make_jpeg(exif=False)))
             body = analyze_body(work, port, image_id).read_bytes()
             name, _, prefix = env["STORAGE_URL"].removeprefix("s3://").partition("/")
