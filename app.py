@@ -49,6 +49,9 @@ RATE_LIMITS = {
     "analyze": "RATE_LIMIT_ANALYZE",
     "auth-failures": "RATE_LIMIT_AUTH_FAILURES",
 }
+# While Redis fails, each worker counts the limits it asks itself in memory, and tries Redis
+# again after this long: a failing call costs at most redis-py's two 0.25 s attempts.
+STORAGE_RETRY_SECONDS = 2
 # Where the AWS SDK finds a bucket's endpoint, credentials and region; S3-compatible providers
 # document the same names.
 AWS_SETTINGS = (
@@ -127,12 +130,16 @@ class RateLimits:
     address. Counters live in RATE_LIMIT_STORAGE_URL's Redis, shared by every worker and
     instance, or else in each worker's memory. When Redis cannot be reached, limits fall back to
     each worker's memory and come back to Redis once it answers again: the service keeps
-    answering, with looser limits meanwhile (it fails open, to per-worker limits).
+    answering, with looser limits meanwhile (it fails open, to per-worker limits). Flask-Limiter
+    does that for the routes' limits; the counters asked below them (the auth failures, an upload
+    before its body is read, a stored analysis) do it here, trying Redis again every few seconds.
     """
 
     def __init__(self, app, policies, storage_url):
         from flask_limiter import Limiter
         from limits import parse
+        from limits.storage import MemoryStorage
+        from limits.strategies import MovingWindowRateLimiter
 
         options = {}
         if storage_url.startswith("redis"):
@@ -154,6 +161,8 @@ class RateLimits:
             swallow_errors=True,
         )
         self.storage = "redis" if storage_url.startswith("redis") else "per-worker memory"
+        self._fallback = MovingWindowRateLimiter(MemoryStorage())
+        self._storage_retry_at = 0.0  # while time.monotonic() is below it, count in _fallback
         for name in ("upload", "analyze"):
             if name in self.items:
                 # One limit shared by the route under every prefix, on the view both endpoints call.
@@ -178,26 +187,34 @@ class RateLimits:
         return f"{digest}:{address}"
 
     def allows(self, name, environ):
-        """Whether one more request fits in the limit, without counting it."""
+        """Whether one more request fits in the limit (if it is set), without counting it."""
         return self._ask("test", name, environ)
 
     def hit(self, name, environ):
-        """Count a request; False when it is over the limit."""
+        """Count a request; False when it is over the limit (if it is set)."""
         return self._ask("hit", name, environ)
 
+    def _counters(self):
+        """Flask-Limiter's (Redis, or its own fallback), or this worker's memory while Redis fails."""
+        return self.limiter.limiter if time.monotonic() >= self._storage_retry_at else self._fallback
+
     def _ask(self, method, name, environ):
-        try:
-            # The same counters as Flask-Limiter's: a shared limit's are named by key and scope.
-            return getattr(self.limiter.limiter, method)(self.items[name], self.key(name, environ), name)
-        except Exception:  # the storage is unreachable: let it through, as Flask-Limiter does
-            log.warning("rate limit storage unreachable", exc_info=True)
+        if name not in self.items:
             return True
+        # The same counters as Flask-Limiter's: a shared limit's are named by key and scope.
+        arguments = (self.items[name], self.key(name, environ), name)
+        try:
+            return getattr(self._counters(), method)(*arguments)
+        except Exception:  # the storage is unreachable: count in this worker's memory for a while
+            log.warning("rate limit storage unreachable", exc_info=True)
+            self._storage_retry_at = time.monotonic() + STORAGE_RETRY_SECONDS
+            return getattr(self._fallback, method)(*arguments)
 
     def refusal(self, name, environ):
         """The 429 for a request over a limit, with Retry-After and draft-ietf-httpapi-ratelimit-headers-10's fields."""
         item = self.items[name]
         try:
-            stats = self.limiter.limiter.get_window_stats(item, self.key(name, environ), name)
+            stats = self._counters().get_window_stats(item, self.key(name, environ), name)
             reset, remaining = max(1, math.ceil(stats.reset_time - time.time())), stats.remaining
         except Exception:  # the storage went away meanwhile: the whole window is a safe answer
             reset, remaining = item.get_expiry(), 0
@@ -546,10 +563,10 @@ def _before_request():
         return None
     limits = current_app.extensions["rate_limits"]
     # Once an address has failed too often, no key of its is even checked: guessing stops.
-    if limits and "auth-failures" in limits.items and not limits.allows("auth-failures", environ):
+    if limits and not limits.allows("auth-failures", environ):
         raise limits.refusal("auth-failures", environ)
     if not _key_is_valid(environ, current_app.config["API_KEYS"]):
-        if limits and "auth-failures" in limits.items:
+        if limits:
             limits.hit("auth-failures", environ)
         raise ApiError(
             401,
@@ -974,7 +991,8 @@ class StoredAnalysisShortcut:
     """WSGI middleware: answer repeat analyses of stored images from their record, below Flask.
 
     A stored analysis never changes, and Flask's own cost per request is most of what an
-    analyze costs: a bare Flask route reaches about 0.57 of a plain WSGI app here (bench/).
+    analyze costs: a bare Flask route answering fixed JSON reached about 0.57 of bench/bare.py
+    under the same gunicorn command.
     Only the everyday request is answered here: an analyze body that Admission received (so
     with a valid key) for a route of the analyze view, without a query string, with CORS off,
     naming an image analyzed before, within its rate limit. Everything else, every error and

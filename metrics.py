@@ -11,7 +11,7 @@ import os
 
 METHODS = frozenset({"GET", "POST", "DELETE", "OPTIONS", "HEAD", "PUT", "PATCH"})
 ANALYSIS_RESULTS = frozenset({"new", "stored", "fixture"})
-LIMITS = frozenset({"upload", "analyze", "auth_failures"})
+LIMITS = frozenset({"upload", "analyze", "auth-failures"})  # app.RATE_LIMITS' names
 # Most requests take milliseconds; uploads over slow networks and a failing bucket, seconds.
 SECONDS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the text format every Prometheus reads

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import struct
 import urllib.parse
 import uuid
@@ -1372,6 +1373,43 @@ def test_an_auth_failure_limit_stops_a_key_guessing_loop(make_app):
         ).status_code
         == 200
     )
+
+
+@pytest.mark.parametrize("setting", ["RATE_LIMIT_UPLOAD", "RATE_LIMIT_ANALYZE", "RATE_LIMIT_AUTH_FAILURES"])
+def test_limits_that_are_not_set_are_not_asked(make_app, capsys, setting):
+    client = make_app(**{setting: "100/minute"}).test_client()
+    image_id = upload(client, make_jpeg()).get_json()["image_id"]
+    assert [analyze(client, image_id).status_code for _ in range(3)] == [200] * 3  # the last two stored
+    assert analyze(client, image_id, key="guess").status_code == 401
+    assert "rate limit storage unreachable" not in capsys.readouterr().out
+
+
+def test_refusals_are_counted_by_the_limit_that_refused(make_app):
+    client = make_app(
+        METRICS_TOKEN=TOKEN,
+        RATE_LIMIT_UPLOAD="1/minute",
+        RATE_LIMIT_ANALYZE="1/minute",
+        RATE_LIMIT_AUTH_FAILURES="1/minute",
+    ).test_client()
+    assert [upload(client, make_jpeg()).status_code for _ in range(2)] == [201, 429]
+    assert [analyze(client, "mock_oily").status_code for _ in range(2)] == [200, 429]
+    assert [analyze(client, "mock_oily", key=f"guess-{n}").status_code for n in range(2)] == [401, 429]
+    found = samples(scrape(client))
+    counted = {
+        limit: found.get(("skin_rate_limited_total", frozenset({("limit", limit)})), 0)
+        for limit in ("upload", "analyze", "auth-failures", "other")
+    }
+    assert counted == {"upload": 1, "analyze": 1, "auth-failures": 1, "other": 0}
+
+
+def test_limits_hold_in_each_workers_memory_while_redis_cannot_be_reached(make_app):
+    with socket.socket() as sock:  # a port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"redis://127.0.0.1:{sock.getsockname()[1]}"
+    client = make_app(RATE_LIMIT_STORAGE_URL=url, RATE_LIMIT_AUTH_FAILURES="3/minute").test_client()
+    guesses = [analyze(client, "mock_oily", key=f"guess-{n}").status_code for n in range(5)]
+    assert guesses == [401] * 3 + [429] * 2
+    limited(client, analyze(client, "mock_oily", key=KEY), "auth-failures", 3)
 
 
 def test_health_docs_and_the_document_are_never_limited(make_app):

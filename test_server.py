@@ -909,7 +909,12 @@ def test_without_redis_each_worker_counts_on_its_own(uploads):
 
 @pytest.mark.slow
 def test_redis_going_away_leaves_the_service_answering(uploads, redis_server, record):
-    env = {"API_KEY": KEY, "RATE_LIMIT_STORAGE_URL": redis_server.url, "RATE_LIMIT_ANALYZE": "1000/minute"}
+    env = {
+        "API_KEY": KEY,
+        "RATE_LIMIT_STORAGE_URL": redis_server.url,
+        "RATE_LIMIT_ANALYZE": "1000/minute",
+        "RATE_LIMIT_AUTH_FAILURES": "3/minute",
+    }
     counters = redis_server.client()
     with Server(FolderStore(uploads), env) as running:
         assert analyze_on_a_new_connection(running).status_code == 200
@@ -922,6 +927,8 @@ def test_redis_going_away_leaves_the_service_answering(uploads, redis_server, re
             assert response.status_code == 200
             slowest = max(slowest, seconds)
         assert slowest < 2
+        guesses = [analyze_on_a_new_connection(running, key=f"guess-{n}").status_code for n in range(7)]
+        assert set(guesses) <= {401, 429} and 429 in guesses  # at most 3 a worker, in its own memory
         redis_server.start()
         counters = redis_server.client()
         deadline = time.monotonic() + 40
