@@ -28,13 +28,15 @@ IMAGES, ANALYSES, IDEMPOTENCY, KEY_OBJECT = "images/", "analyses/", "idempotency
 LEASE_SECONDS = 60
 # Every call is bounded, so a slow or absent bucket makes a request fail (503) within about
 # 10 s, under a router's 30 s, and never holds a thread for ever: two attempts of at most 2 s to
-# connect and 3 s between bytes of the answer (and 1 s for a PUT's 100 Continue). Requests use the bucket two at a time per worker
-# (the admission gate) and health checks beside them: the pool fits that with room to spare.
+# connect and 3 s between bytes of the answer (and 1 s for a PUT's 100 Continue). Requests use
+# the bucket two at a time per worker (the admission gate), but a small upload gives its turn away
+# while it is stored, so up to every thread of a worker may be in a call: the pool has room for
+# GUNICORN_THREADS' default of 64 (connections are opened only when needed).
 CLIENT_CONFIG = {
     "connect_timeout": 2,
     "read_timeout": 3,
     "retries": {"total_max_attempts": 2, "mode": "standard"},
-    "max_pool_connections": 16,
+    "max_pool_connections": 64,
     # The body is not hashed for the signature (0.6 ms of CPU per MiB): its CRC32, which the
     # server checks, already guards it, and over https the connection does too.
     "s3": {"payload_signing_enabled": False},
@@ -205,15 +207,7 @@ class Bucket(storage.Registry):
             record = json.loads(answer["Body"].read())
         except (ValueError, BotoCoreError, OSError):
             record = None
-        if (
-            not isinstance(record, dict)
-            or not storage.is_image_id(str(record.get("image_id")))
-            or not isinstance(record.get("sha256"), str)
-            or not isinstance(record.get("created_at"), int)
-            or record["created_at"] < time.time() - self.idempotency_ttl
-        ):
-            record = None
-        return record, answer["ETag"]
+        return storage.live_idempotency_record(record, self.idempotency_ttl), answer["ETag"]
 
     def _write_record(self, key, record, etag):
         """Write a record only if the one read (``etag``; None: no record at all) is still there."""

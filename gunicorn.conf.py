@@ -25,8 +25,9 @@ wsgi_app = "app:create_app()"
 # new connection for up to 5 s until its first byte), so threads are what slow phones and idle
 # connections use up: 20 trickling uploads and 20 silent connections, all on one worker, still
 # leave threads for everyone else. Threads are cheap to park; only app.ACTIVE_REQUESTS (2) of
-# them run at once, because more running threads on one core only share the GIL (64 running:
-# analyze p99 7x its p50; 2: under 2x). Bodies waiting for their turn are spooled to disk.
+# them run at once (and small uploads waiting on their storage), because more running threads
+# on one core only share the GIL (64 running: analyze p99 7x its p50; 2: under 2x). Bodies
+# waiting for their turn are spooled to disk.
 worker_class = "gthread"
 workers = _count("WEB_CONCURRENCY", "2")
 threads = _count("GUNICORN_THREADS", "64")

@@ -86,6 +86,19 @@ def stored_size(upload, pieces):
     return sum(len(range(upload.size)[piece]) if isinstance(piece, slice) else len(piece) for piece in pieces)
 
 
+def live_idempotency_record(value, ttl):
+    """``value`` read from an idempotency record if it is one and younger than ``ttl`` seconds, else None."""
+    if (
+        not isinstance(value, dict)
+        or not is_image_id(str(value.get("image_id")))
+        or not isinstance(value.get("sha256"), str)
+        or not isinstance(value.get("created_at"), int)
+        or value["created_at"] < time.time() - ttl
+    ):
+        return None
+    return value
+
+
 class Registry:
     """What app.py needs of a registry. Every method may raise StorageUnavailable (or StorageFull).
 
@@ -659,15 +672,7 @@ class IdempotencyRecord:
             value = json.loads(os.pread(self.fd, 4096, 0))
         except (OSError, ValueError):
             return None
-        if (
-            not isinstance(value, dict)
-            or not is_image_id(str(value.get("image_id")))
-            or not isinstance(value.get("sha256"), str)
-            or not isinstance(value.get("created_at"), int)
-            or value["created_at"] < time.time() - self.folder.idempotency_ttl
-        ):
-            return None
-        return value
+        return live_idempotency_record(value, self.folder.idempotency_ttl)
 
     def write(self, value):
         value = {**value, "created_at": int(time.time())}
