@@ -122,9 +122,10 @@ class Admission:
     """WSGI middleware: receive a request's body first, then let ``slots`` requests run at once.
 
     Only POSTs to ``upload_paths`` and ``analyze_paths`` that ``may_receive(environ)`` allows
-    (a valid key) are received, and only with a Content-Length within their limit (a chunked
-    body is read up to one byte over it); the routes refuse the rest unread. ``unqueued_paths``
-    (the health check) skip the queue: the platform must not see a busy worker as a dead one.
+    (a valid key, and for an upload its rate limit not reached) are received, and only with a
+    Content-Length within their limit (a chunked body is read up to one byte over it); the
+    routes refuse the rest unread. ``unqueued_paths`` (the health check, the metrics) skip the
+    queue: the platform must not see a busy worker as a dead one, nor a scrape wait.
     ``metrics`` counts the waits (metrics.Metrics or metrics.NoMetrics).
     """
 
@@ -229,11 +230,8 @@ class Admission:
         elif not 0 < len(boundary) <= 200 or not boundary.isascii():
             received.error = InvalidMultipart("the Content-Type has no usable boundary")
         else:
-            try:
-                received.file = self.spool(length, "HTTP_IDEMPOTENCY_KEY" in environ)
-                parser = FilePartParser(boundary.encode(), received.file.write, self.file_limit)
-            except storage.StorageError as error:
-                received.error = error
+            received.file = self.spool(length, "HTTP_IDEMPOTENCY_KEY" in environ)
+            parser = FilePartParser(boundary.encode(), received.file.write, self.file_limit)
         view, filled = memoryview(window), 0
         while received.size < size and (count := body(view[filled : filled + size - received.size])):
             received.size += count

@@ -13,8 +13,8 @@ def app(environ, start_response):
         return _json(start_response, "200 OK", b'{"status":"healthy"}')
     if method != "POST" or path not in ("/analyze", "/upload"):
         return _json(start_response, "404 Not Found", b'{"error":"not found"}')
-    # One read of the whole body, as the service and bench/ceiling.py do: gunicorn's reader is
-    # the same for all three, so the difference to them is what they do with the bytes.
+    # One read of the whole body through gunicorn's reader, as any WSGI app may (the service reads
+    # its uploads from the socket itself, receiving.py, which costs it less than this).
     environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
     if path == "/analyze":
         return _json(start_response, "200 OK", ANALYSIS)

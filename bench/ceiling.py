@@ -1,4 +1,4 @@
-"""Bare-WSGI ceiling: the least work gunicorn can do per route, the upper bound the service is compared to."""
+"""Same-durability ceiling: the service's durable write of each upload and nothing else, under its gunicorn command."""
 
 import json
 import os
@@ -19,7 +19,7 @@ def app(environ, start_response):
         return _json(start_response, "200 OK", b'{"status":"healthy"}')
     if method != "POST" or path not in ("/analyze", "/upload"):
         return _json(start_response, "404 Not Found", b'{"error":"not found"}')
-    # Read the whole body in one call, as the service does, so both pay the same copy.
+    # Read the whole body in one call through gunicorn's reader, as bench/bare.py does.
     body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
     if path == "/analyze":
         return _json(start_response, "200 OK", ANALYSIS)

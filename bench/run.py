@@ -190,6 +190,7 @@ def redis(work):
 
 
 def pinned_beside_wrk():
+    """The command prefix that pins a process to CPU 1, where wrk runs."""
     return ("taskset", "-c", "1") if PIN else ()
 
 
@@ -340,7 +341,7 @@ def wrk_command(port, target, connections, seconds, first=1):
     # One thread: wrk has a single core to itself, and one thread keeps 16 connections busy.
     script = ROTATE_LUA if target.rotating else PHONES_LUA
     return [
-        *(["taskset", "-c", "1"] if PIN else []),
+        *pinned_beside_wrk(),
         "wrk",
         "-t1",
         f"-c{connections}",

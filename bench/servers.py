@@ -4,6 +4,7 @@ Each is started by a test fixture or a benchmark run and always stopped by it; `
 a command prefix (the benchmark pins them to a CPU with taskset).
 """
 
+import contextlib
 import os
 import random
 import signal
@@ -51,7 +52,8 @@ class SeaweedFS:
         self.launcher = list(launcher)
         self.ports = {}
         for service in self.SERVICES:
-            while (port := _free_port_pair()) in self.ports.values():
+            taken = {used + offset for used in self.ports.values() for offset in (0, 10000)}
+            while {port := _free_port_pair(), port + 10000} & taken:
                 pass
             self.ports[service] = port
         self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
@@ -128,8 +130,9 @@ class SeaweedFS:
         """Stop it (its data stays); SIGKILL if it does not stop within 15 s."""
         if self.process is None:
             return
-        os.killpg(self.process.pid, signal.SIGCONT)  # were it paused
-        os.killpg(self.process.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # it exited by itself (a failed start)
+            os.killpg(self.process.pid, signal.SIGCONT)  # were it paused
+            os.killpg(self.process.pid, signal.SIGTERM)
         try:
             self.process.wait(15)
         except subprocess.TimeoutExpired:
@@ -190,6 +193,8 @@ class RedisServer:
                 if sock.connect_ex(("127.0.0.1", self.port)) == 0:
                     return self
             if self.process.poll() is not None or time.monotonic() >= deadline:
+                self.process.kill()
+                self.process.wait()
                 raise RuntimeError("redis-server did not start")
             time.sleep(0.05)
 
