@@ -8,6 +8,11 @@ UPLOADED = b'{"image_id":"00000000-0000-4000-8000-000000000000"}'
 
 def app(environ, start_response):
     """Answer /health, /analyze and /upload with fixed JSON, after reading the whole body."""
+    return serve(environ, start_response, lambda body: UPLOADED)
+
+
+def serve(environ, start_response, store):
+    """Route as the service does; answer an upload with what ``store(body)`` returns (its JSON)."""
     method, path = environ["REQUEST_METHOD"], environ["PATH_INFO"]
     if method == "GET" and path == "/health":
         return _json(start_response, "200 OK", b'{"status":"healthy"}')
@@ -15,10 +20,10 @@ def app(environ, start_response):
         return _json(start_response, "404 Not Found", b'{"error":"not found"}')
     # One read of the whole body through gunicorn's reader, as any WSGI app may (the service reads
     # its uploads from the socket itself, receiving.py, which costs it less than this).
-    environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+    body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
     if path == "/analyze":
         return _json(start_response, "200 OK", ANALYSIS)
-    return _json(start_response, "201 Created", UPLOADED)
+    return _json(start_response, "201 Created", store(body))
 
 
 def _json(start_response, status, body):

@@ -55,6 +55,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script, bench/ is not a package on the path yet
+import app  # noqa: E402  (its defaults, given to every server)
 from bench.jpeg import make_jpeg  # noqa: E402
 from bench.servers import RedisServer, SeaweedFS  # noqa: E402
 
@@ -258,19 +259,7 @@ COMPARISONS = [
 GROWTH_SERVER = "service"
 # Given explicitly to every server, so a developer's .env or shell cannot change what is measured:
 # the service on its defaults (uploads folder, no metrics, no rate limits); variants set their own.
-SERVER_ENV = {
-    "API_KEY": API_KEY,
-    "MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
-    "LOG_LEVEL": "INFO",
-    "LOG_FORMAT": "text",
-    "CORS_ORIGINS": "",
-    "STORAGE_URL": "",
-    "METRICS_TOKEN": "",
-    "RATE_LIMIT_UPLOAD": "",
-    "RATE_LIMIT_ANALYZE": "",
-    "RATE_LIMIT_AUTH_FAILURES": "",
-    "RATE_LIMIT_STORAGE_URL": "",
-}
+SERVER_ENV = {**app.DEFAULTS, "API_KEY": API_KEY, "MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES)}
 
 
 class BenchError(Exception):
