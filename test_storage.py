@@ -532,3 +532,19 @@ def test_a_large_photo_is_written_once_without_its_metadata(make_app, store, mon
         metadata, exif_segment(MINIMAL_EXIF["<"])
     )
     assert not [path for path in written if image_id in path]
+
+
+def test_a_header_sent_a_byte_at_a_time_is_not_parsed_once_a_byte(tmp_path, monkeypatch):
+    """A crafted header of a thousand segments, trickled, must not cost a parse per byte."""
+    parses = []
+    real = storage.images.strip_header
+    monkeypatch.setattr(storage.images, "strip_header", lambda head: (parses.append(1), real(head))[1])
+    spool = storage.Spool(str(tmp_path), named=True, size=5_000_000)
+    head = b"\xff\xd8" + b"\xff\xe5\x00\x02" * 1100
+    trickled = head + bytes(20_000)
+    for byte in range(len(trickled)):
+        spool.write(trickled[byte : byte + 1])
+    assert len(parses) <= 20 and not spool.in_file  # still no header it can decide on
+    spool.write(bytes(storage.SPOOL_BYTES))
+    assert spool.in_file and spool.size == len(head) + 20_000 + storage.SPOOL_BYTES
+    spool.close()
