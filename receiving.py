@@ -406,6 +406,7 @@ class FilePartParser:
         self._parts = 0
         self._in_part = False  # the current part is the one wanted
         self._headers_from = 0  # where the current part's headers begin
+        self._blank_from = 0  # where the blank line that ends them may begin
         self._content_from = 0  # where its content not yet written begins
         self._search_from = 0  # where the line break of its closing delimiter may begin
 
@@ -413,6 +414,7 @@ class FilePartParser:
         """Parse ``buffer[:end]``; return how many bytes are consumed. With ``final``, that is the end."""
         consumed = self._parse(buffer, end, final)
         self._headers_from = max(0, self._headers_from - consumed)
+        self._blank_from = max(0, self._blank_from - consumed)
         self._content_from = max(0, self._content_from - consumed)
         self._search_from = max(0, self._search_from - consumed)
         return consumed
@@ -440,17 +442,25 @@ class FilePartParser:
             self._parts += 1
             if self._parts > MAX_PARTS:
                 raise InvalidMultipart(f"it has more than {MAX_PARTS} parts")
-            self._state, self._headers_from, self._in_part = self.HEADERS, after, False
+            self._state, self._headers_from, self._blank_from, self._in_part = (
+                self.HEADERS,
+                after,
+                after,
+                False,
+            )
 
     def _headers(self, buffer, end, final):
         """Parse the current part's headers; False when they are not all there yet."""
         start = self._headers_from
         # Searched within a bound: part headers are a few lines, and parsing megabytes of them
-        # would cost seconds of CPU.
-        blank = _BLANK_LINE.search(buffer, start, min(end, start + MAX_PART_HEADER_BYTES))
+        # would cost seconds of CPU. And from where the last search stopped, less the 3 bytes a
+        # blank line cut short may have: headers sent a byte at a time cost 0.8 s of CPU when
+        # searched from their start each time.
+        blank = _BLANK_LINE.search(buffer, self._blank_from, min(end, start + MAX_PART_HEADER_BYTES))
         if blank is None:
             if final or end - start >= MAX_PART_HEADER_BYTES:
                 raise InvalidMultipart(f"a part's headers do not end within {MAX_PART_HEADER_BYTES} bytes")
+            self._blank_from = max(start, end - 3)
             return False
         if blank.end() == end and not final and buffer[blank.start()] == buffer[blank.start() + 1] == _CR:
             return False  # "\r\r" then maybe "\n": one more byte decides where the content starts

@@ -307,3 +307,21 @@ def test_a_file_part_over_the_limit_is_only_counted(tmp_path):
     assert received.file_too_large and received.error is None and len(content) <= 4999
     content, received = receive(body, b"xyz", 700, tmp_path, file_limit=5000)
     assert not received.file_too_large and content == b"x" * 5000
+
+
+def test_part_headers_sent_a_byte_at_a_time_are_searched_once(monkeypatch):
+    """The blank line after a part's headers is looked for in new bytes only, not from the start each time."""
+    searched = []
+    real = receiving._BLANK_LINE
+
+    class Counting:
+        def search(self, buffer, pos, endpos):
+            searched.append(endpos - pos)
+            return real.search(buffer, pos, endpos)
+
+    monkeypatch.setattr(receiving, "_BLANK_LINE", Counting())
+    headers = b'--xyz\r\nContent-Disposition: form-data; name="file"\r\nX-Pad: ' + b"a" * 12_000
+    body = headers + b"\r\n\r\nabc\r\n--xyz--\r\n"
+    content, received = receive(body, b"xyz", 1)
+    assert received.error is None and content == b"abc"
+    assert sum(searched) < 5 * len(body)
